@@ -1,0 +1,134 @@
+//! `moe-edge generate`: stream generated text, or print one JSON object.
+
+use std::io::Write;
+
+use anyhow::Context;
+use clap::Args;
+use moe_edge::text::{StreamDecoder, TextCodec};
+use moe_edge::{GenerateParams, SamplingParams};
+use serde_json::json;
+
+use super::ModelArgs;
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt text (needs the model's tokenizer.json).
+    #[arg(
+        long,
+        short,
+        conflicts_with = "prompt_ids",
+        required_unless_present = "prompt_ids"
+    )]
+    pub prompt: Option<String>,
+    /// Prompt as comma-separated token ids.
+    #[arg(long, value_delimiter = ',')]
+    pub prompt_ids: Option<Vec<i64>>,
+    #[arg(long, default_value_t = 32)]
+    pub max_tokens: usize,
+    /// Always take the most likely token (the default when no temperature is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    pub greedy: bool,
+    #[arg(long)]
+    pub temperature: Option<f32>,
+    #[arg(long)]
+    pub top_k: Option<usize>,
+    #[arg(long)]
+    pub top_p: Option<f32>,
+    #[arg(long, default_value_t = 1.0)]
+    pub repetition_penalty: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Keep going past the model's end-of-sequence token.
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object at the end instead of streaming text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    let model = args.model.load()?;
+    let codec = match model.files.companion("tokenizer.json") {
+        Some(p) => Some(TextCodec::from_file(&p)?),
+        None => None,
+    };
+    let prompt_ids = match (&args.prompt, &args.prompt_ids) {
+        (_, Some(ids)) => ids.clone(),
+        (Some(text), None) => codec
+            .as_ref()
+            .context("--prompt needs the model's tokenizer.json (next to model.onnx); or pass --prompt-ids")?
+            .encode(text)?,
+        (None, None) => anyhow::bail!("give --prompt or --prompt-ids"),
+    };
+    if let Some(top_p) = args.top_p {
+        anyhow::ensure!(
+            top_p > 0.0 && top_p <= 1.0,
+            "--top-p must be in (0, 1], got {top_p}"
+        );
+    }
+    let sampling = SamplingParams {
+        temperature: if args.greedy {
+            0.0
+        } else {
+            args.temperature.unwrap_or(0.0)
+        },
+        top_k: args.top_k.unwrap_or(0),
+        top_p: args.top_p.unwrap_or(1.0),
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+    };
+    let params = GenerateParams {
+        max_tokens: args.max_tokens,
+        sampling,
+        stop_tokens: if args.ignore_eos {
+            vec![]
+        } else {
+            model.config.eos_token_ids.clone()
+        },
+    };
+    let mut stream = codec.as_ref().map(StreamDecoder::new);
+    let mut stdout = std::io::stdout().lock();
+    let streaming = !args.json;
+    let result = moe_edge::generate(&model, &prompt_ids, &params, |id| {
+        if !streaming {
+            return;
+        }
+        let piece = match stream.as_mut() {
+            Some(s) => s.push(id).unwrap_or_default(),
+            None => format!("{id} "),
+        };
+        let _ = write!(stdout, "{piece}");
+        let _ = stdout.flush();
+    })?;
+    let text = match &codec {
+        Some(c) => c.decode(&result.generated_ids)?,
+        None => String::new(),
+    };
+    if args.json {
+        let out = json!({
+            "prompt_ids": result.prompt_ids,
+            "generated_ids": result.generated_ids,
+            "text": text,
+            "stop_reason": result.stop_reason,
+            "prefill_tokens_per_s": result.prefill_tokens_per_s(),
+            "decode_tokens_per_s": result.decode_tokens_per_s(),
+            "prefill_seconds": result.prefill_seconds,
+            "decode_seconds": result.decode_seconds,
+            "moe_layers": model.imported.layers.len(),
+        });
+        println!("{}", serde_json::to_string(&out)?);
+    } else {
+        writeln!(stdout)?;
+        log::info!(
+            "{} prompt tokens at {:.1} tok/s, {} generated at {:.1} tok/s ({:?})",
+            result.prompt_ids.len(),
+            result.prefill_tokens_per_s(),
+            result.generated_ids.len(),
+            result.decode_tokens_per_s(),
+            result.stop_reason
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,707 @@
+//! Finds MoE blocks of form R1 (router -> TopK -> gather of 3D expert weights -> batched MatMul
+//! -> weighted ReduceSum over k) in both exporter dialects, and extracts what the sparse op
+//! needs. Detection is structural and conservative: every assumption is checked on the graph,
+//! and a block that looks like MoE but is not fully understood is refused with the reason.
+
+use std::collections::{HashSet, VecDeque};
+
+use serde::Serialize;
+use tract_onnx::pb::NodeProto;
+
+use super::graph::{attr_int, attr_ints, layer_in_name, GraphIndex};
+use super::patterns::{is_last_axis, linear_of, silu_gated, LinearRef};
+use super::refuse;
+use crate::error::{Error, Result};
+use crate::moe::{Activation, MoeSpec, Routing};
+
+/// Options of the detector.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DetectOptions {
+    /// Leave blocks that are not understood in the graph, to run literally in tract (with a
+    /// warning), instead of refusing the model.
+    pub dense_fallback: bool,
+    /// Do not rewrite anything: run every block literally (for comparisons).
+    pub literal: bool,
+}
+
+/// Weight references of a shared expert (`sigmoid(gate(x)) * down(silu(gate_proj(x)) * up_proj(x))`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SharedRefs {
+    pub gate_proj: LinearRef,
+    pub up_proj: LinearRef,
+    pub down_proj: LinearRef,
+    pub gate: LinearRef,
+}
+
+/// A recognised block and where its weights are.
+#[derive(Debug, Clone)]
+pub struct MatchedBlock {
+    pub spec: MoeSpec,
+    /// Which form and dialect the block was exported in.
+    pub form: &'static str,
+    /// Name of the block's TopK node.
+    pub anchor: String,
+    /// Tensor holding the block input `[tokens, hidden]` (the router's input).
+    pub input: String,
+    /// Tensor the block computes, to be produced by the sparse op instead.
+    pub output: String,
+    pub router: LinearRef,
+    /// Initializer `[experts, 2*ffn, hidden]`.
+    pub gate_up: String,
+    /// Whether the gate is the first half of `gate_up` (it is in every known exporter).
+    pub gate_first: bool,
+    /// Initializer `[experts, hidden, ffn]`.
+    pub down: String,
+    pub shared: Option<SharedRefs>,
+}
+
+/// A block that was not understood and runs literally in tract (`--dense-fallback`).
+#[derive(Debug, Clone, Serialize)]
+pub struct BlockReport {
+    pub node: String,
+    pub layer: Option<usize>,
+    pub reason: String,
+}
+
+/// What the detector found in a graph.
+#[derive(Debug, Clone, Default)]
+pub struct Detection {
+    pub blocks: Vec<MatchedBlock>,
+    pub fallbacks: Vec<BlockReport>,
+}
+
+/// Finds every MoE block of the graph. Errors when a block must be refused.
+pub fn detect_blocks(g: &GraphIndex, opts: DetectOptions) -> Result<Detection> {
+    refuse::check_refused_forms(g)?;
+    let mut detection = Detection::default();
+    let mut claimed: HashSet<String> = HashSet::new();
+    let mut failures: Vec<(HashSet<String>, BlockReport)> = vec![];
+    for (i, node) in g.graph.node.iter().enumerate() {
+        if node.op_type != "TopK" || !node.domain.is_empty() {
+            continue;
+        }
+        let gathers = expert_gathers_from(g, &node.output[1]);
+        if gathers.is_empty() {
+            continue; // a TopK that selects no expert weights is not an MoE router
+        }
+        let gather_names: HashSet<String> =
+            gathers.iter().map(|&j| g.node(j).name.clone()).collect();
+        match BlockMatcher::new(g, i).and_then(|m| m.run(&gathers)) {
+            Ok(mut block) => {
+                let ordinal = detection.blocks.len();
+                block.spec.layer = [&block.router.weight, &block.gate_up, &node.name]
+                    .iter()
+                    .find_map(|n| layer_in_name(n))
+                    .unwrap_or(ordinal);
+                claimed.extend(gather_names);
+                detection.blocks.push(block);
+            }
+            Err(reason) => {
+                let layer = layer_in_name(&node.name)
+                    .or_else(|| gathers.iter().find_map(|&j| gather_layer(g, j)));
+                failures.push((
+                    gather_names,
+                    BlockReport {
+                        node: node.name.clone(),
+                        layer,
+                        reason,
+                    },
+                ));
+            }
+        }
+    }
+    // every gather of 3D expert weights must belong to a recognised block
+    let mut refusals: Vec<BlockReport> = failures.iter().map(|(_, r)| r.clone()).collect();
+    let explained: HashSet<String> = failures
+        .iter()
+        .flat_map(|(n, _)| n.iter().cloned())
+        .collect();
+    for (j, node) in g.graph.node.iter().enumerate() {
+        if is_expert_gather(g, node)
+            && !claimed.contains(&node.name)
+            && !explained.contains(&node.name)
+        {
+            refusals.push(BlockReport {
+                node: node.name.clone(),
+                layer: gather_layer(g, j),
+                reason: format!(
+                    "expert weights '{}' are gathered by indices that do not come from a TopK router \
+                     (routing not understood, e.g. PhiMoE's sparsemixer)",
+                    node.input[0]
+                ),
+            });
+        }
+    }
+    if let Some(first) = refusals.first() {
+        if !opts.dense_fallback {
+            return Err(Error::RefusedBlock {
+                node: first.node.clone(),
+                layer: first.layer,
+                reason: first.reason.clone(),
+            });
+        }
+        for r in &refusals {
+            log::warn!(
+                "MoE block at node '{}' (layer {:?}) not understood ({}); running it literally in tract (--dense-fallback)",
+                r.node,
+                r.layer,
+                r.reason
+            );
+        }
+        detection.fallbacks = refusals;
+    }
+    Ok(detection)
+}
+
+fn gather_layer(g: &GraphIndex, j: usize) -> Option<usize> {
+    let n = g.node(j);
+    layer_in_name(&n.name).or_else(|| layer_in_name(&n.input[0]))
+}
+
+/// A Gather/GatherND reading rows of a rank-3 initializer with computed indices.
+pub(crate) fn is_expert_gather(g: &GraphIndex, node: &NodeProto) -> bool {
+    matches!(node.op_type.as_str(), "Gather" | "GatherND")
+        && node.domain.is_empty()
+        && node.input.len() == 2
+        && g.initializer(&node.input[0])
+            .map(|t| t.dims.len() == 3)
+            .unwrap_or(false)
+        && g.constant(&node.input[1]).is_none()
+}
+
+/// Expert gathers reached from `indices` through index reshaping ops.
+fn expert_gathers_from(g: &GraphIndex, indices: &str) -> Vec<usize> {
+    let mut found = vec![];
+    let mut seen = HashSet::new();
+    let mut queue = VecDeque::from([indices.to_string()]);
+    while let Some(t) = queue.pop_front() {
+        for &c in g.consumers_of(&t) {
+            let n = g.node(c);
+            if is_expert_gather(g, n) && n.input[1] == t {
+                if !found.contains(&c) {
+                    found.push(c);
+                }
+            } else if matches!(
+                n.op_type.as_str(),
+                "Reshape" | "Unsqueeze" | "Flatten" | "Cast"
+            ) && n.input[0] == t
+                && seen.insert(n.output[0].clone())
+            {
+                queue.push_back(n.output[0].clone());
+            }
+        }
+    }
+    found
+}
+
+/// Checks one block, starting from its TopK node.
+struct BlockMatcher<'g, 'a> {
+    g: &'g GraphIndex<'a>,
+    topk: &'a NodeProto,
+    k: usize,
+}
+
+type Match<T> = std::result::Result<T, String>;
+
+impl<'g, 'a> BlockMatcher<'g, 'a> {
+    fn new(g: &'g GraphIndex<'a>, topk_index: usize) -> Match<Self> {
+        let topk = g.node(topk_index);
+        let k = g
+            .const_ints(&topk.input[1])
+            .filter(|v| v.len() == 1 && v[0] > 0)
+            .ok_or("TopK has no constant k")?[0] as usize;
+        if attr_int(topk, "largest").unwrap_or(1) != 1 {
+            return Err("TopK selects the smallest values".into());
+        }
+        let axis = attr_int(topk, "axis").unwrap_or(-1);
+        if !(axis == -1 || axis == 1) {
+            return Err(format!(
+                "TopK over axis {axis}, expected the expert axis (-1)"
+            ));
+        }
+        Ok(BlockMatcher { g, topk, k })
+    }
+
+    fn run(&self, gathers: &[usize]) -> Match<MatchedBlock> {
+        let g = self.g;
+        let (routing, logits, weights) = self.routing()?;
+        let (x, router) = linear_of(g, g.peel(logits, &["Cast"]))
+            .ok_or("router logits are not a bias-free MatMul/Gemm by a constant weight")?;
+        let experts = router.out_features();
+        let hidden = router.in_features();
+
+        if gathers.len() != 2 {
+            return Err(format!(
+                "{} expert tensors are gathered by the router's indices, expected 2 (gate_up and down); \
+                 expert biases or other expert parameters (e.g. GPT-OSS) are not supported yet",
+                gathers.len()
+            ));
+        }
+        // the gate_up gather feeds the first MatMul, whose input is the repeated block input
+        let (gu_idx, down_idx) = {
+            let a = g.node(gathers[0]);
+            if self
+                .expert_matmul(a)
+                .map(|m| self.is_repeat_of(&m.input[1], x))
+                .unwrap_or(false)
+            {
+                (gathers[0], gathers[1])
+            } else {
+                (gathers[1], gathers[0])
+            }
+        };
+        let gu = g.node(gu_idx);
+        let dn = g.node(down_idx);
+        for gather in [gu, dn] {
+            self.check_gather_indices(gather)?;
+        }
+        let gu_dims = dims3(g, &gu.input[0]);
+        let dn_dims = dims3(g, &dn.input[0]);
+        if gu_dims[0] != experts || gu_dims[2] != hidden || gu_dims[1] % 2 != 0 {
+            return Err(format!(
+                "gate_up '{}' has shape {:?}, expected [{experts}, 2*ffn, {hidden}]",
+                gu.input[0], gu_dims
+            ));
+        }
+        let ffn = gu_dims[1] / 2;
+        if dn_dims != [experts, hidden, ffn] {
+            return Err(format!(
+                "down '{}' has shape {:?}, expected [{experts}, {hidden}, {ffn}]",
+                dn.input[0], dn_dims
+            ));
+        }
+
+        // gate_up projection over the repeated input
+        let mm1 = self
+            .expert_matmul(gu)
+            .ok_or("gathered gate_up weights do not feed a MatMul")?;
+        if !self.is_repeat_of(&mm1.input[1], x) {
+            return Err(
+                "gate_up MatMul input is not the block input repeated k times per token".into(),
+            );
+        }
+        let h1 = self
+            .squeezed_last(&mm1.output[0])
+            .ok_or("gate_up MatMul output is not squeezed on its last axis")?;
+        let (first_half, second_half) = self.halves(h1)?;
+
+        // down projection of the activation
+        let mm2 = self
+            .expert_matmul(dn)
+            .ok_or("gathered down weights do not feed a MatMul")?;
+        let act = self
+            .unsqueezed_last(&mm2.input[1])
+            .ok_or("down MatMul input is not an unsqueezed activation")?;
+        let (gate, up) = silu_gated(g, act).ok_or_else(|| {
+            format!("expert activation at '{act}' is not silu(gate) * up (clamped SwiGLU, GELU or others are not supported yet)")
+        })?;
+        let gate_first =
+            match (gate, up) {
+                (a, b) if a == first_half && b == second_half => true,
+                (a, b) if a == second_half && b == first_half => false,
+                _ => return Err(
+                    "the SiLU gate and up inputs are not the two halves of the gate_up projection"
+                        .into(),
+                ),
+            };
+        let y = self
+            .squeezed_last(&mm2.output[0])
+            .ok_or("down MatMul output is not squeezed on its last axis")?;
+
+        // combine: y * weights, reshape to [T, k, H], sum over k
+        let routed = self.weighted_sum(y, weights, hidden)?;
+        let (output, shared) = self.shared_expert(routed, x, hidden);
+
+        Ok(MatchedBlock {
+            spec: MoeSpec {
+                layer: 0,
+                hidden,
+                ffn,
+                experts,
+                top_k: self.k,
+                routing,
+                activation: Activation::SiluGated,
+                shared_ffn: shared.as_ref().map(|s| s.gate_proj.out_features()),
+            },
+            form: if gu.op_type == "GatherND" {
+                "R1 (GatherND/Expand, dynamo or HF exporter)"
+            } else {
+                "R1 (Gather/OneHot/Tile/Flatten, legacy exporter)"
+            },
+            anchor: self.topk.name.clone(),
+            input: x.to_string(),
+            output,
+            router,
+            gate_up: gu.input[0].clone(),
+            gate_first,
+            down: dn.input[0].clone(),
+            shared,
+        })
+    }
+
+    /// Returns the routing mode, the router logits tensor and the tensor of per-slot weights.
+    fn routing(&self) -> Match<(Routing, &'a str, &'a str)> {
+        let g = self.g;
+        let values = self.topk.output[0].as_str();
+        if let Some(sm) = g.produced_by(g.peel(&self.topk.input[0], &["Cast"]), "Softmax") {
+            if !is_last_axis(attr_int(sm, "axis").unwrap_or(-1), 2) {
+                return Err("router softmax is not over the expert axis".into());
+            }
+            // renormalisation: Div(values, ReduceSum(values, axis -1, keepdims))
+            for values in g.with_float_casts(values) {
+                for sum in g.consumers_with_op(values, "ReduceSum") {
+                    let axes = sum
+                        .input
+                        .get(1)
+                        .and_then(|a| g.const_ints(a))
+                        .or_else(|| attr_ints(sum, "axes"));
+                    let keep = attr_int(sum, "keepdims").unwrap_or(1) == 1;
+                    if axes
+                        .as_deref()
+                        .map(|a| a.len() == 1 && is_last_axis(a[0], 2))
+                        != Some(true)
+                        || !keep
+                    {
+                        continue;
+                    }
+                    if let Some(div) = g
+                        .consumers_with_op(values, "Div")
+                        .into_iter()
+                        .find(|d| d.input[0] == values && d.input[1] == sum.output[0])
+                    {
+                        return Ok((
+                            Routing::SoftmaxTopK { renormalize: true },
+                            sm.input[0].as_str(),
+                            div.output[0].as_str(),
+                        ));
+                    }
+                }
+            }
+            Ok((
+                Routing::SoftmaxTopK { renormalize: false },
+                sm.input[0].as_str(),
+                values,
+            ))
+        } else {
+            let sm = g
+                .with_float_casts(values)
+                .into_iter()
+                .flat_map(|v| g.consumers_with_op(v, "Softmax"))
+                .find(|s| is_last_axis(attr_int(s, "axis").unwrap_or(-1), 2))
+                .ok_or("TopK input is not a softmax and its values are not softmaxed: routing not understood")?;
+            Ok((
+                Routing::TopKSoftmax,
+                self.topk.input[0].as_str(),
+                sm.output[0].as_str(),
+            ))
+        }
+    }
+
+    /// The MatMul consuming a gather's output as its first operand.
+    fn expert_matmul(&self, gather: &NodeProto) -> Option<&'a NodeProto> {
+        let mms = self.g.consumers_with_op(&gather.output[0], "MatMul");
+        match mms.as_slice() {
+            [m] if m.input[0] == gather.output[0] => Some(*m),
+            _ => None,
+        }
+    }
+
+    /// Indices must be the TopK indices flattened row-major to `[T*k]` (`[T*k, 1]` for GatherND).
+    fn check_gather_indices(&self, gather: &NodeProto) -> Match<()> {
+        let g = self.g;
+        let mut t = gather.input[1].as_str();
+        if gather.op_type == "GatherND" {
+            if attr_int(gather, "batch_dims").unwrap_or(0) != 0 {
+                return Err(format!("GatherND '{}' has batch_dims != 0", gather.name));
+            }
+            let un = g
+                .produced_by(t, "Unsqueeze")
+                .ok_or_else(|| format!("GatherND '{}' indices are not unsqueezed", gather.name))?;
+            if !self.axes_are(un, &[-1, 1]) {
+                return Err(format!(
+                    "GatherND '{}' indices unsqueezed on an unexpected axis",
+                    gather.name
+                ));
+            }
+            t = un.input[0].as_str();
+        } else if attr_int(gather, "axis").unwrap_or(0) != 0 {
+            return Err(format!(
+                "Gather '{}' is not over the expert axis",
+                gather.name
+            ));
+        }
+        let rs = g.produced_by(t, "Reshape").ok_or_else(|| {
+            format!(
+                "'{}' indices are not the flattened TopK indices",
+                gather.name
+            )
+        })?;
+        if g.const_ints(&rs.input[1]).as_deref() != Some(&[-1])
+            || rs.input[0] != self.topk.output[1]
+        {
+            return Err(format!(
+                "'{}' indices are not the TopK indices reshaped to [-1]",
+                gather.name
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether a node's axes (input 1 or attribute) is a single value among `allowed`.
+    fn axes_are(&self, node: &NodeProto, allowed: &[i64]) -> bool {
+        let axes = node
+            .input
+            .get(1)
+            .and_then(|a| self.g.const_ints(a))
+            .or_else(|| attr_ints(node, "axes"));
+        matches!(axes.as_deref(), Some([a]) if allowed.contains(a))
+    }
+
+    /// `tensor = Unsqueeze(inner, -1)` for a rank-2 inner tensor: returns `inner`.
+    fn unsqueezed_last(&self, tensor: &str) -> Option<&'a str> {
+        let un = self.g.produced_by(tensor, "Unsqueeze")?;
+        self.axes_are(un, &[-1, 2]).then_some(un.input[0].as_str())
+    }
+
+    /// The single `Squeeze(tensor, -1)` consuming a rank-3 tensor: returns its output.
+    fn squeezed_last(&self, tensor: &str) -> Option<&'a str> {
+        match self.g.consumers_with_op(tensor, "Squeeze").as_slice() {
+            [sq] if self.axes_are(sq, &[-1, 2]) => Some(sq.output[0].as_str()),
+            _ => None,
+        }
+    }
+
+    /// Whether `tensor` is `Unsqueeze(repeat_interleave(x, k, dim 0), -1)`.
+    fn is_repeat_of(&self, tensor: &str, x: &str) -> bool {
+        let g = self.g;
+        let Some(rep) = self.unsqueezed_last(tensor) else {
+            return false;
+        };
+        let root_x = g.root(x);
+        // dynamo: Reshape(Expand(Unsqueeze(x, 1), [.., k, ..]), [-1, H])
+        if let Some(rs) = g.produced_by(rep, "Reshape") {
+            if let Some(ex) = g.produced_by(&rs.input[0], "Expand") {
+                if let Some(shape) = g.const_ints(&ex.input[1]) {
+                    if shape.len() != 3 || shape[1] != self.k as i64 {
+                        return false;
+                    }
+                }
+                if let Some(un) = g.produced_by(&ex.input[0], "Unsqueeze") {
+                    return self.axes_are(un, &[1]) && g.root(&un.input[0]) == root_x;
+                }
+            }
+            return false;
+        }
+        // legacy: Flatten(Tile(Unsqueeze(x, 1), OneHot(1, depth 3, [1, k])), axis 2)
+        if let Some(fl) = g.produced_by(rep, "Flatten") {
+            if attr_int(fl, "axis") != Some(2) {
+                return false;
+            }
+            let Some(tile) = g.produced_by(&fl.input[0], "Tile") else {
+                return false;
+            };
+            let Some(un) = g.produced_by(&tile.input[0], "Unsqueeze") else {
+                return false;
+            };
+            if !self.axes_are(un, &[1]) || g.root(&un.input[0]) != root_x {
+                return false;
+            }
+            let repeats = g.peel(&tile.input[1], &["Reshape", "Cast"]);
+            if let Some(r) = g.const_ints(repeats) {
+                return r == [1, self.k as i64, 1];
+            }
+            if let Some(oh) = g.produced_by(repeats, "OneHot") {
+                return g.const_ints(&oh.input[0]).as_deref() == Some(&[1])
+                    && g.const_ints(&oh.input[1]).as_deref() == Some(&[3]);
+            }
+        }
+        false
+    }
+
+    /// The two halves `(first, second)` of the gate_up output along its last axis.
+    fn halves(&self, h: &str) -> Match<(&'a str, &'a str)> {
+        let g = self.g;
+        let splits = g.consumers_with_op(h, "Split");
+        if let [sp] = splits.as_slice() {
+            let axis = attr_int(sp, "axis").unwrap_or(0);
+            let equal = match sp.input.get(1).filter(|s| !s.is_empty()) {
+                Some(sizes) => matches!(g.const_ints(sizes).as_deref(), Some([a, b]) if a == b),
+                None => sp.output.len() == 2,
+            };
+            if is_last_axis(axis, 2) && equal && sp.output.len() == 2 {
+                return Ok((sp.output[0].as_str(), sp.output[1].as_str()));
+            }
+            return Err("gate_up projection is split in an unexpected way".into());
+        }
+        // legacy chunk(2): Slice(h, 0, mid, -1) and Slice(h, mid, end, -1)
+        let slices = g.consumers_with_op(h, "Slice");
+        if let [a, b] = slices.as_slice() {
+            let on_last = |s: &NodeProto| {
+                s.input
+                    .get(3)
+                    .and_then(|ax| g.const_ints(ax))
+                    .map(|v| v.len() == 1 && is_last_axis(v[0], 2))
+                    .unwrap_or(false)
+            };
+            let step_one = |s: &NodeProto| {
+                s.input
+                    .get(4)
+                    .map(|st| g.const_ints(st).as_deref() == Some(&[1]))
+                    .unwrap_or(true)
+            };
+            if on_last(a) && on_last(b) && step_one(a) && step_one(b) {
+                for (first, second) in [(a, b), (b, a)] {
+                    if g.const_ints(&first.input[1]).as_deref() == Some(&[0])
+                        && second.input[1] == first.input[2]
+                        && chunk_end_is_double(g, &second.input[2], &first.input[2])
+                    {
+                        return Ok((first.output[0].as_str(), second.output[0].as_str()));
+                    }
+                }
+            }
+        }
+        Err("gate_up projection is not split into two halves (Split or chunk Slices)".into())
+    }
+
+    /// `y * weights` reshaped to `[T, k, H]` and summed over k. Returns the sum tensor.
+    fn weighted_sum(&self, y: &str, weights: &str, hidden: usize) -> Match<&'a str> {
+        let g = self.g;
+        let mul = match g.consumers_with_op(y, "Mul").as_slice() {
+            [m] => *m,
+            _ => return Err("expert outputs are not multiplied by the routing weights".into()),
+        };
+        let other = if mul.input[0] == y {
+            &mul.input[1]
+        } else {
+            &mul.input[0]
+        };
+        if g.peel(other, &["Unsqueeze", "Reshape", "Cast"]) != weights {
+            return Err(
+                "expert outputs are scaled by something other than the routing weights".into(),
+            );
+        }
+        let rs = match g.consumers_with_op(&mul.output[0], "Reshape").as_slice() {
+            [r] => *r,
+            _ => {
+                return Err(
+                    "weighted expert outputs are not reshaped to [tokens, k, hidden]".into(),
+                )
+            }
+        };
+        if let Some(shape) = g.const_ints(&rs.input[1]) {
+            if shape.len() != 3 || shape[1] != self.k as i64 || shape[2] != hidden as i64 {
+                return Err(format!(
+                    "weighted expert outputs reshaped to {shape:?}, expected [-1, {}, {hidden}]",
+                    self.k
+                ));
+            }
+        }
+        let sum = match g.consumers_with_op(&rs.output[0], "ReduceSum").as_slice() {
+            [s] => *s,
+            _ => return Err("weighted expert outputs are not summed over k".into()),
+        };
+        let keep = attr_int(sum, "keepdims").unwrap_or(1);
+        if !self.axes_are(sum, &[1, -2]) || keep != 0 {
+            return Err("expert outputs are summed over an axis other than k".into());
+        }
+        Ok(sum.output[0].as_str())
+    }
+
+    /// Extends the block over a gated shared expert added to the routed sum, when present and
+    /// fully recognised. Returns the block's output tensor.
+    fn shared_expert(
+        &self,
+        routed: &'a str,
+        x: &str,
+        hidden: usize,
+    ) -> (String, Option<SharedRefs>) {
+        let g = self.g;
+        let mut out = routed;
+        if let [c] = g.consumers_of(out) {
+            let n = g.node(*c);
+            if n.op_type == "Cast" && attr_int(n, "to") == Some(1) {
+                out = n.output[0].as_str();
+            }
+        }
+        let fallback = (out.to_string(), None);
+        let [c] = g.consumers_of(out) else {
+            return fallback;
+        };
+        let add = g.node(*c);
+        if add.op_type != "Add" {
+            return fallback;
+        }
+        let other = if add.input[0] == out {
+            &add.input[1]
+        } else {
+            &add.input[0]
+        };
+        let Some(refs) = self.match_shared(other, x, hidden) else {
+            return fallback;
+        };
+        (add.output[0].clone(), Some(refs))
+    }
+
+    fn match_shared(&self, t: &str, x: &str, hidden: usize) -> Option<SharedRefs> {
+        let g = self.g;
+        let root_x = g.root(x);
+        let same_x = |inp: &str| g.root(inp) == root_x;
+        let mul = g.produced_by(t, "Mul")?;
+        for (s, d) in [(0, 1), (1, 0)] {
+            let Some(sig) = g.produced_by(&mul.input[s], "Sigmoid") else {
+                continue;
+            };
+            let (gx, gate) = linear_of(g, &sig.input[0])?;
+            let (hx, down_proj) = linear_of(g, &mul.input[d])?;
+            let (gate_in, up_in) = silu_gated(g, hx)?;
+            let (x1, gate_proj) = linear_of(g, gate_in)?;
+            let (x2, up_proj) = linear_of(g, up_in)?;
+            let f = gate_proj.out_features();
+            let ok = same_x(gx)
+                && same_x(x1)
+                && same_x(x2)
+                && gate.out_features() == 1
+                && gate.in_features() == hidden
+                && gate_proj.in_features() == hidden
+                && up_proj.in_features() == hidden
+                && up_proj.out_features() == f
+                && down_proj.in_features() == f
+                && down_proj.out_features() == hidden;
+            if ok {
+                return Some(SharedRefs {
+                    gate_proj,
+                    up_proj,
+                    down_proj,
+                    gate,
+                });
+            }
+        }
+        None
+    }
+}
+
+fn dims3(g: &GraphIndex, init: &str) -> [usize; 3] {
+    let d = &g
+        .initializer(init)
+        .expect("checked expert initializer")
+        .dims;
+    [d[0] as usize, d[1] as usize, d[2] as usize]
+}
+
+/// For torch's `chunk(2)` as exported: the second slice ends at twice the first one's end
+/// (`Mul(mid, 2)`), or at a constant past the end.
+fn chunk_end_is_double(g: &GraphIndex, end2: &str, end1: &str) -> bool {
+    if let Some(m) = g.produced_by(end2, "Mul") {
+        let mid_producer = |t: &str| g.produced_by(t, "Mul").map(|n| n.input[0].clone());
+        // end1 = Mul(half, 1), end2 = Mul(half, 2)
+        let half1 = mid_producer(end1);
+        let factor = |n: &NodeProto, half: &str| {
+            n.input[0] == half && g.const_ints(&n.input[1]).as_deref() == Some(&[2])
+        };
+        if let Some(h) = half1 {
+            return factor(m, &h);
+        }
+        return factor(m, end1);
+    }
+    matches!(g.const_ints(end2).as_deref(), Some([v]) if *v >= i64::MAX / 2)
+}
