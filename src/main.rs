@@ -11,7 +11,10 @@ fn main() -> std::process::ExitCode {
         1 => "info",
         _ => "debug",
     };
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
+    env_logger::Builder::from_env(
+        env_logger::Env::default().default_filter_or(format!("{level},tract_onnx=error")),
+    )
+    .init();
     if let Some(n) = cli.threads {
         if let Err(e) = rayon::ThreadPoolBuilder::new()
             .num_threads(n.max(1))

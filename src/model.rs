@@ -390,3 +390,36 @@ fn interface_of(proto: &ModelProto) -> std::result::Result<Interface, String> {
         position_ids,
     })
 }
+
+/// Runs an imported graph once on concrete inputs (in graph input order), whatever its
+/// interface: used for standalone MoE blocks and for checking rewrites. Returns the outputs and
+/// the tract model it ran, for inspection.
+pub fn run_imported_graph(
+    imported: &ImportedModel,
+    inputs: Vec<Tensor>,
+) -> Result<(Vec<Tensor>, TypedModel)> {
+    let mut onnx = tract_onnx::onnx().with_ignore_value_info(true);
+    crate::sparse_op::register(&mut onnx);
+    let dir = imported.dir().and_then(|d| d.to_str());
+    let parsed = onnx
+        .parse(&imported.proto, dir)
+        .map_err(Error::tract("parsing the rewritten graph"))?;
+    let mut model = parsed.model;
+    for (ix, t) in inputs.iter().enumerate() {
+        model
+            .set_input_fact(ix, InferenceFact::dt_shape(t.datum_type(), t.shape()))
+            .map_err(Error::tract(format!("input {ix}")))?;
+    }
+    let typed = model.into_optimized().map_err(Error::tract("optimising"))?;
+    let plan = typed
+        .clone()
+        .into_runnable()
+        .map_err(Error::tract("making the plan"))?;
+    let outputs = plan
+        .run(inputs.into_iter().map(|t| t.into_tvalue()).collect())
+        .map_err(Error::tract("running the graph"))?;
+    Ok((
+        outputs.into_iter().map(|v| v.into_tensor()).collect(),
+        typed,
+    ))
+}

@@ -82,7 +82,20 @@ pub fn detect_blocks(g: &GraphIndex, opts: DetectOptions) -> Result<Detection> {
         }
         let gathers = expert_gathers_from(g, &node.output[1]);
         if gathers.is_empty() {
-            continue; // a TopK that selects no expert weights is not an MoE router
+            if is_router_topk(g, node) {
+                failures.push((
+                    HashSet::new(),
+                    BlockReport {
+                        node: node.name.clone(),
+                        layer: layer_in_name(&node.name),
+                        reason: "a router (linear -> TopK) selects experts that are not computed in a recognised form \
+                                 (e.g. R2, grouped_mm unrolled per expert, is not supported yet); \
+                                 export with experts_implementation=\"batched_mm\""
+                            .into(),
+                    },
+                ));
+            }
+            continue; // any other TopK is not an MoE router
         }
         let gather_names: HashSet<String> =
             gathers.iter().map(|&j| g.node(j).name.clone()).collect();
@@ -151,6 +164,15 @@ pub fn detect_blocks(g: &GraphIndex, opts: DetectOptions) -> Result<Detection> {
         detection.fallbacks = refusals;
     }
     Ok(detection)
+}
+
+/// Whether a TopK ranks the output of a linear layer by a constant weight (optionally softmaxed).
+fn is_router_topk(g: &GraphIndex, topk: &NodeProto) -> bool {
+    let mut t = g.peel(&topk.input[0], &["Cast"]);
+    if let Some(sm) = g.produced_by(t, "Softmax") {
+        t = g.peel(&sm.input[0], &["Cast"]);
+    }
+    linear_of(g, t).is_some()
 }
 
 fn gather_layer(g: &GraphIndex, j: usize) -> Option<usize> {
@@ -324,7 +346,7 @@ impl<'g, 'a> BlockMatcher<'g, 'a> {
                 shared_ffn: shared.as_ref().map(|s| s.gate_proj.out_features()),
             },
             form: if gu.op_type == "GatherND" {
-                "R1 (GatherND/Expand, dynamo or HF exporter)"
+                "R1 (GatherND, dynamo or HF exporter)"
             } else {
                 "R1 (Gather/OneHot/Tile/Flatten, legacy exporter)"
             },
@@ -471,51 +493,50 @@ impl<'g, 'a> BlockMatcher<'g, 'a> {
         }
     }
 
-    /// Whether `tensor` is `Unsqueeze(repeat_interleave(x, k, dim 0), -1)`.
+    /// Whether `tensor` is `Unsqueeze(repeat_interleave(x, k, dim 0), -1)`, written as
+    /// `Reshape|Flatten(Expand|Tile(Unsqueeze(x, 1), [.., k, ..]))` (dynamo, HF exporter, legacy).
     fn is_repeat_of(&self, tensor: &str, x: &str) -> bool {
         let g = self.g;
         let Some(rep) = self.unsqueezed_last(tensor) else {
             return false;
         };
-        let root_x = g.root(x);
-        // dynamo: Reshape(Expand(Unsqueeze(x, 1), [.., k, ..]), [-1, H])
-        if let Some(rs) = g.produced_by(rep, "Reshape") {
-            if let Some(ex) = g.produced_by(&rs.input[0], "Expand") {
-                if let Some(shape) = g.const_ints(&ex.input[1]) {
-                    if shape.len() != 3 || shape[1] != self.k as i64 {
-                        return false;
-                    }
-                }
-                if let Some(un) = g.produced_by(&ex.input[0], "Unsqueeze") {
-                    return self.axes_are(un, &[1]) && g.root(&un.input[0]) == root_x;
-                }
-            }
+        let repeated = if let Some(rs) = g.produced_by(rep, "Reshape") {
+            rs.input[0].as_str()
+        } else if let Some(fl) = g
+            .produced_by(rep, "Flatten")
+            .filter(|f| attr_int(f, "axis") == Some(2))
+        {
+            fl.input[0].as_str()
+        } else {
             return false;
-        }
-        // legacy: Flatten(Tile(Unsqueeze(x, 1), OneHot(1, depth 3, [1, k])), axis 2)
-        if let Some(fl) = g.produced_by(rep, "Flatten") {
-            if attr_int(fl, "axis") != Some(2) {
-                return false;
+        };
+        let k = self.k as i64;
+        let unsqueezed = if let Some(ex) = g.produced_by(repeated, "Expand") {
+            if let Some(shape) = g.const_ints(&ex.input[1]) {
+                if shape.len() != 3 || shape[1] != k {
+                    return false;
+                }
             }
-            let Some(tile) = g.produced_by(&fl.input[0], "Tile") else {
-                return false;
-            };
-            let Some(un) = g.produced_by(&tile.input[0], "Unsqueeze") else {
-                return false;
-            };
-            if !self.axes_are(un, &[1]) || g.root(&un.input[0]) != root_x {
-                return false;
-            }
+            ex.input[0].as_str()
+        } else if let Some(tile) = g.produced_by(repeated, "Tile") {
             let repeats = g.peel(&tile.input[1], &["Reshape", "Cast"]);
-            if let Some(r) = g.const_ints(repeats) {
-                return r == [1, self.k as i64, 1];
+            let k_on_axis_1 = match g.const_ints(repeats) {
+                Some(r) => r == [1, k, 1],
+                // legacy: OneHot(indices 1, depth 3, values [1, k]) = [1, k, 1]
+                None => g.produced_by(repeats, "OneHot").is_some_and(|oh| {
+                    g.const_ints(&oh.input[0]).as_deref() == Some(&[1])
+                        && g.const_ints(&oh.input[1]).as_deref() == Some(&[3])
+                }),
+            };
+            if !k_on_axis_1 {
+                return false;
             }
-            if let Some(oh) = g.produced_by(repeats, "OneHot") {
-                return g.const_ints(&oh.input[0]).as_deref() == Some(&[1])
-                    && g.const_ints(&oh.input[1]).as_deref() == Some(&[3]);
-            }
-        }
-        false
+            tile.input[0].as_str()
+        } else {
+            return false;
+        };
+        g.produced_by(unsqueezed, "Unsqueeze")
+            .is_some_and(|un| self.axes_are(un, &[1]) && g.root(&un.input[0]) == g.root(x))
     }
 
     /// The two halves `(first, second)` of the gate_up output along its last axis.

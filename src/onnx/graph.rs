@@ -181,7 +181,9 @@ fn decode_ints(t: &TensorProto) -> Option<Vec<i64>> {
 
 /// Model layer number named in a tensor or node name (`layers.3`, `layers/3`, `layer_3`), if any.
 pub fn layer_in_name(name: &str) -> Option<usize> {
-    for key in ["layers.", "layers/", "layers_", "layer.", "layer_", "h."] {
+    for key in [
+        "layers.", "layers/", "layers_", "block.", "blocks.", "layer.", "layer_", "h.",
+    ] {
         if let Some(pos) = name.find(key) {
             let digits: String = name[pos + key.len()..]
                 .chars()
