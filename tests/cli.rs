@@ -1,0 +1,219 @@
+//! The `moe-edge` binary end to end: generate, logits, inspect, and failures without panics.
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::*;
+
+fn moe_edge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_moe-edge"))
+        .args(args)
+        .output()
+        .expect("run moe-edge")
+}
+
+fn tiny_model() -> String {
+    format!("{}/models/tiny-mixtral", env!("CARGO_MANIFEST_DIR"))
+}
+
+fn assert_clean_failure(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "exit code; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "panic: {stderr}");
+    stderr
+}
+
+#[test]
+fn generate_json_gives_torchs_greedy_tokens() {
+    // models/tiny-mixtral is the KV-cache Mixtral of the kit: compare with its torch reference
+    let reference = fixtures().join("hf-moe-kv/mixtral/reference.npz");
+    let prompt = read_npz::<i64>(&reference, "prompt_2");
+    let tokens = read_npz::<i64>(&reference, "tokens_2");
+    let ids: Vec<String> = prompt.iter().map(|v| v.to_string()).collect();
+    let out = moe_edge(&[
+        "generate",
+        "-m",
+        &tiny_model(),
+        "--prompt-ids",
+        &ids.join(","),
+        "--max-tokens",
+        "16",
+        "--greedy",
+        "--ignore-eos",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for key in [
+        "prompt_ids",
+        "generated_ids",
+        "text",
+        "prefill_tokens_per_s",
+        "decode_tokens_per_s",
+    ] {
+        assert!(j.get(key).is_some(), "missing key {key} in {j}");
+    }
+    let got: Vec<i64> = j["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(got, tokens.iter().copied().collect::<Vec<_>>());
+    assert!(j["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(
+        j["text"].as_str().unwrap().starts_with('t'),
+        "decoded through tokenizer.json: {}",
+        j["text"]
+    );
+}
+
+#[test]
+fn generate_streams_text_from_a_text_prompt_and_sampling_is_seeded() {
+    let run = |seed: &str| {
+        moe_edge(&[
+            "generate",
+            "-m",
+            &tiny_model(),
+            "--prompt",
+            "t10 t20 t30",
+            "--max-tokens",
+            "12",
+            "--temperature",
+            "0.9",
+            "--top-k",
+            "50",
+            "--top-p",
+            "0.95",
+            "--seed",
+            seed,
+            "--ignore-eos",
+        ])
+    };
+    let a = run("5");
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    let text = String::from_utf8_lossy(&a.stdout);
+    assert_eq!(
+        text.split_whitespace().count(),
+        12,
+        "12 streamed tokens: {text:?}"
+    );
+    assert_eq!(a.stdout, run("5").stdout, "same seed, same text");
+}
+
+#[test]
+fn logits_command_matches_torch_on_a_batch() {
+    let dir = std::env::temp_dir().join(format!("moe-edge-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let output = dir.join("logits.npy");
+    let model = fixtures().join("hf-moe/models/qwen2_moe/dynamo_batched/model.onnx");
+    let input = fixtures().join("hf-moe/inputs/input_ids_4.npy");
+    let out = moe_edge(&[
+        "logits",
+        "-m",
+        model.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = read_npy::<f32>(&output);
+    let want = read_npy::<f32>(&fixtures().join("hf-moe/models/qwen2_moe/torch_logits_4.npy"));
+    assert_eq!(got.shape(), want.shape());
+    assert!(max_abs_diff(got.as_slice().unwrap(), want.as_slice().unwrap()) < TOL);
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn inspect_reports_blocks() {
+    let out = moe_edge(&["inspect", "-m", &tiny_model(), "--json"]);
+    assert!(out.status.success());
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let blocks = j["blocks"].as_array().unwrap();
+    assert_eq!(blocks.len(), 2);
+    assert_eq!(blocks[1]["layer"], 1);
+    assert_eq!(blocks[0]["experts"], 8);
+    assert_eq!(blocks[0]["top_k"], 2);
+    assert_eq!(j["kv_cache"], true);
+}
+
+#[test]
+fn refused_and_broken_models_exit_nonzero_without_panic() {
+    let eager = fixtures().join("hf-moe/models/mixtral/legacy_eager/model.onnx");
+    let stderr = assert_clean_failure(&moe_edge(&["inspect", "-m", eager.to_str().unwrap()]));
+    assert!(
+        stderr.contains("refused MoE block") && stderr.contains("layers.0"),
+        "{stderr}"
+    );
+    let switch = fixtures().join("hf-moe/models/switch/legacy_eager/model.onnx");
+    assert_clean_failure(&moe_edge(&[
+        "generate",
+        "-m",
+        switch.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+    ]));
+
+    let dir = std::env::temp_dir().join(format!("moe-edge-cli-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let truncated = dir.join("model.onnx");
+    let bytes = std::fs::read(format!("{}/model.onnx", tiny_model())).unwrap();
+    std::fs::write(&truncated, &bytes[..bytes.len() / 3]).unwrap();
+    let stderr = assert_clean_failure(&moe_edge(&[
+        "generate",
+        "-m",
+        dir.to_str().unwrap(),
+        "--prompt-ids",
+        "1,2",
+    ]));
+    assert!(stderr.contains("not a valid ONNX"), "{stderr}");
+    // wrong input rank for logits
+    let ids = dir.join("ids.npy");
+    let arr = tract_onnx::tract_core::ndarray::ArrayD::<i64>::zeros(vec![3]);
+    ndarray_npy::write_npy(&ids, &arr).unwrap();
+    let stderr = assert_clean_failure(&moe_edge(&[
+        "logits",
+        "-m",
+        &tiny_model(),
+        "--input",
+        ids.to_str().unwrap(),
+        "--output",
+        dir.join("o.npy").to_str().unwrap(),
+    ]));
+    assert!(stderr.contains("[batch, seq]"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn generation_stops_at_eos_from_config() {
+    let model =
+        moe_edge::Model::load(std::path::Path::new(&tiny_model()), Default::default()).unwrap();
+    assert_eq!(
+        model.config.eos_token_ids,
+        vec![2],
+        "eos_token_id from config.json"
+    );
+    let reference = fixtures().join("hf-moe-kv/mixtral/reference.npz");
+    let prompt = read_npz::<i64>(&reference, "prompt_0");
+    let tokens = read_npz::<i64>(&reference, "tokens_0");
+    let stop = tokens[4];
+    let first = tokens.iter().position(|&t| t == stop).unwrap();
+    let params = moe_edge::GenerateParams {
+        max_tokens: 16,
+        sampling: Default::default(),
+        stop_tokens: vec![stop],
+    };
+    let out = moe_edge::generate(&model, prompt.as_slice().unwrap(), &params, |_| {}).unwrap();
+    assert_eq!(out.generated_ids.len(), first + 1);
+    assert_eq!(out.stop_reason, moe_edge::generate::StopReason::Eos);
+}
