@@ -28,6 +28,10 @@ pub enum Error {
     #[error("invalid input: {0}")]
     InvalidInput(String),
 
+    /// A packed model's expert file or manifest is damaged or does not match.
+    #[error("corrupt pack: {0}")]
+    CorruptPack(String),
+
     /// Tokenizer missing or failing.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

@@ -8,13 +8,17 @@
 pub mod config;
 pub mod error;
 pub mod generate;
+pub mod kernels;
 pub mod model;
 pub mod moe;
 pub mod onnx;
+pub mod pack;
+pub mod procstats;
 pub mod sampling;
 pub mod session;
 pub mod sparse_op;
 pub mod text;
+pub mod threads;
 
 pub use error::{Error, Result};
 pub use generate::{generate, GenerateParams, Generation};

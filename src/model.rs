@@ -12,6 +12,9 @@ use tract_onnx::tract_core::optim::Optimizer;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::onnx::{import_model, DetectOptions, ImportedModel};
+use crate::pack::cache::ExpertCache;
+use crate::pack::manifest::Manifest;
+use crate::pack::{is_pack, open_pack, PackOpenOptions};
 
 /// How to load a model.
 #[derive(Debug, Clone, Copy, Default)]
@@ -20,6 +23,10 @@ pub struct LoadOptions {
     pub dense_fallback: bool,
     /// Skip the MoE rewrite entirely (runs the exported graph as it is; for comparisons).
     pub literal: bool,
+    /// Expert cache budget in MiB for packed models (default: the manifest's, else all experts).
+    pub expert_cache_mb: Option<u64>,
+    /// Check every expert's checksum at open (packed models).
+    pub verify: bool,
 }
 
 /// The files of a model: an `.onnx` file, or a directory holding `model.onnx` and optionally
@@ -87,6 +94,10 @@ pub struct Model {
     pub imported: ImportedModel,
     pub interface: Interface,
     pub config: ModelConfig,
+    /// The expert cache of a packed model.
+    pub cache: Option<Arc<ExpertCache>>,
+    /// The manifest of a packed model.
+    pub manifest: Option<Manifest>,
     plans: Mutex<HashMap<usize, Arc<Plan>>>,
 }
 
@@ -101,13 +112,22 @@ pub struct Plan {
 impl Model {
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Model> {
         let files = ModelFiles::resolve(path)?;
-        let imported = import_model(
-            &files.onnx,
-            DetectOptions {
+        let (imported, cache, manifest) = if is_pack(&files.dir) {
+            let pack = open_pack(
+                &files.dir,
+                PackOpenOptions {
+                    expert_cache_mb: opts.expert_cache_mb,
+                    verify: opts.verify,
+                },
+            )?;
+            (pack.imported, Some(pack.cache), Some(pack.manifest))
+        } else {
+            let detect = DetectOptions {
                 dense_fallback: opts.dense_fallback,
                 literal: opts.literal,
-            },
-        )?;
+            };
+            (import_model(&files.onnx, detect)?, None, None)
+        };
         let interface = interface_of(&imported.proto).map_err(|reason| Error::ModelLoad {
             path: files.onnx.clone(),
             reason,
@@ -121,6 +141,8 @@ impl Model {
             imported,
             interface,
             config,
+            cache,
+            manifest,
             plans: Mutex::new(HashMap::new()),
         })
     }

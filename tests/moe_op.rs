@@ -48,6 +48,9 @@ impl ExpertStore for RecordingStore {
         self.touched.lock().unwrap().push(index);
         self.inner.expert(index)
     }
+    fn to_dense(&self, index: usize) -> moe_edge::Result<DenseExpert> {
+        self.inner.to_dense(index)
+    }
 }
 
 /// Naive reference: per token, per selected expert, plain loops.

@@ -46,6 +46,9 @@ pub struct GenerateArgs {
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     pub json: bool,
+    /// Print expert cache statistics (hits, misses, bytes loaded, evictions) at the end.
+    #[arg(long)]
+    pub stats: bool,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -117,6 +120,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "prefill_seconds": result.prefill_seconds,
             "decode_seconds": result.decode_seconds,
             "moe_layers": model.imported.layers.len(),
+            "cache": model.cache.as_ref().map(|c| c.stats()),
         });
         println!("{}", serde_json::to_string(&out)?);
     } else {
@@ -129,6 +133,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             result.decode_tokens_per_s(),
             result.stop_reason
         );
+    }
+    if args.stats {
+        super::print_cache_stats(&model);
     }
     Ok(())
 }

@@ -14,40 +14,72 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
+/// One MoE layer as reported: its spec and the form it was found in.
+struct Row<'a> {
+    spec: &'a moe_edge::moe::MoeSpec,
+    form: String,
+    node: String,
+}
+
+fn rows(model: &moe_edge::Model) -> Vec<Row<'_>> {
+    let imported = &model.imported;
+    imported
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| {
+            let (form, node) = match (imported.blocks.get(i), &model.manifest) {
+                (Some(b), _) => (b.form.to_string(), b.anchor.clone()),
+                (None, Some(m)) => (
+                    format!("packed {:?}, from {}", m.experts, m.layers[i].form),
+                    String::new(),
+                ),
+                (None, None) => (String::new(), String::new()),
+            };
+            Row {
+                spec: &l.spec,
+                form,
+                node,
+            }
+        })
+        .collect()
+}
+
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
     let imported = &model.imported;
     if args.json {
-        let blocks: Vec<_> = imported
-            .blocks
+        let blocks: Vec<_> = rows(&model)
             .iter()
-            .map(|b| {
+            .map(|r| {
+                let s = r.spec;
                 json!({
-                    "layer": b.spec.layer, "form": b.form, "node": b.anchor, "experts": b.spec.experts,
-                    "top_k": b.spec.top_k, "routing": b.spec.routing.to_string(), "activation": b.spec.activation.to_string(),
-                    "hidden": b.spec.hidden, "ffn": b.spec.ffn, "shared_expert_ffn": b.spec.shared_ffn,
-                    "expert_bytes": b.spec.expert_bytes_f32(),
+                    "layer": s.layer, "form": r.form, "node": r.node, "experts": s.experts,
+                    "top_k": s.top_k, "routing": s.routing.to_string(), "activation": s.activation.to_string(),
+                    "hidden": s.hidden, "ffn": s.ffn, "shared_expert_ffn": s.shared_ffn,
+                    "expert_bytes_f32": s.expert_bytes_f32(),
                 })
             })
             .collect();
         let out = json!({
             "model": model.files.onnx, "kv_cache": model.has_kv_cache(), "blocks": blocks,
             "dense_fallback": imported.fallbacks, "removed_initializers": imported.removed_initializers.len(),
+            "pack": model.manifest.as_ref().map(|m| json!({"experts": m.experts, "alignment": m.alignment, "source": m.source})),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     println!("model: {}", model.files.onnx.display());
     println!("interface: {:?}", model.interface);
-    if imported.blocks.is_empty() && imported.fallbacks.is_empty() {
+    if imported.layers.is_empty() && imported.fallbacks.is_empty() {
         println!("no MoE block found: the graph runs as a plain tract model");
     }
-    for b in &imported.blocks {
-        let s = &b.spec;
+    for r in rows(&model) {
+        let s = r.spec;
         println!(
-            "layer {:>3}  {}  experts {}  top-{}  routing {}  activation {}  hidden {}  ffn {}  shared expert {}  expert bytes {} (f32)  [node {}]",
+            "layer {:>3}  {}  experts {}  top-{}  routing {}  activation {}  hidden {}  ffn {}  shared expert {}  expert bytes {} (f32){}",
             s.layer,
-            b.form,
+            r.form,
             s.experts,
             s.top_k,
             s.routing,
@@ -56,7 +88,7 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             s.ffn,
             s.shared_ffn.map(|f| format!("ffn {f} (sigmoid-gated)")).unwrap_or_else(|| "none".into()),
             s.expert_bytes_f32(),
-            b.anchor
+            if r.node.is_empty() { String::new() } else { format!("  [node {}]", r.node) }
         );
     }
     for f in &imported.fallbacks {
@@ -65,9 +97,16 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             f.layer, f.reason, f.node
         );
     }
-    println!(
-        "{} initializers removed from the graph (expert weights now in the expert store)",
-        imported.removed_initializers.len()
-    );
+    if let Some(c) = &model.cache {
+        println!(
+            "expert cache budget: {:.1} MiB",
+            c.budget() as f64 / 1048576.0
+        );
+    } else {
+        println!(
+            "{} initializers removed from the graph (expert weights now in the expert store)",
+            imported.removed_initializers.len()
+        );
+    }
     Ok(())
 }

@@ -1,8 +1,10 @@
 //! Command-line interface: argument definitions and one module per subcommand.
 
+pub mod bench;
 pub mod generate;
 pub mod inspect;
 pub mod logits;
+pub mod pack;
 
 use std::path::PathBuf;
 
@@ -28,6 +30,10 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Generate text from a prompt, streaming it as it comes.
     Generate(generate::GenerateArgs),
+    /// Quantise a model's experts into a packed, memory-mapped model directory.
+    Pack(pack::PackArgs),
+    /// Measure load time, time to first token, prefill and decode speed, memory.
+    Bench(bench::BenchArgs),
     /// One forward pass over token ids from a .npy file; writes the logits as .npy.
     Logits(logits::LogitsArgs),
 }
@@ -35,7 +41,8 @@ pub enum Command {
 /// How to open a model; shared by every subcommand.
 #[derive(Debug, Args)]
 pub struct ModelArgs {
-    /// An .onnx file, or a directory holding model.onnx (+ tokenizer.json, config.json).
+    /// An .onnx file, a directory holding model.onnx (+ tokenizer.json, config.json), or a
+    /// packed model directory (see `moe-edge pack`).
     #[arg(long, short)]
     pub model: PathBuf,
     /// Run MoE blocks that are not understood literally in tract (slow) instead of refusing.
@@ -44,6 +51,12 @@ pub struct ModelArgs {
     /// Do not replace MoE blocks: run the exported graph as it is (for comparisons).
     #[arg(long)]
     pub literal: bool,
+    /// Memory budget of the expert cache of a packed model, in MiB (default: all experts).
+    #[arg(long, env = "MOE_EDGE_EXPERT_CACHE_MB")]
+    pub expert_cache_mb: Option<u64>,
+    /// Check the checksum of every expert of a packed model when opening it.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 impl ModelArgs {
@@ -51,6 +64,8 @@ impl ModelArgs {
         let opts = moe_edge::LoadOptions {
             dense_fallback: self.dense_fallback,
             literal: self.literal,
+            expert_cache_mb: self.expert_cache_mb,
+            verify: self.verify,
         };
         Ok(moe_edge::Model::load(&self.model, opts)?)
     }
@@ -61,5 +76,36 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Logits(a) => logits::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Pack(a) => pack::run(a),
+    }
+}
+
+/// Expert cache statistics on stderr (packed models).
+pub fn print_cache_stats(model: &moe_edge::Model) {
+    let Some(cache) = &model.cache else {
+        eprintln!("expert cache: none (experts are held in memory; pack the model to use a cache)");
+        return;
+    };
+    let s = cache.stats();
+    let mib = |b: u64| b as f64 / 1048576.0;
+    eprintln!(
+        "expert cache: {} hits, {} misses ({:.1}% hits), {:.1} MiB loaded, {} evictions, peak {:.1} MiB of {:.1} MiB budget",
+        s.hits,
+        s.misses,
+        100.0 * s.hit_rate(),
+        mib(s.bytes_loaded),
+        s.evictions,
+        mib(s.peak_resident_bytes),
+        mib(s.budget_bytes)
+    );
+    for (i, l) in s.per_layer.iter().enumerate() {
+        eprintln!(
+            "  layer {i:>3}: {} hits, {} misses, {:.1} MiB loaded, {} evictions",
+            l.hits,
+            l.misses,
+            mib(l.bytes_loaded),
+            l.evictions
+        );
     }
 }

@@ -2,6 +2,7 @@
 //! the routed forward pass. Nothing here knows about ONNX or tract.
 
 pub mod forward;
+pub mod q8_expert;
 pub mod routing;
 pub mod spec;
 pub mod store;

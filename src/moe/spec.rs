@@ -1,9 +1,9 @@
 //! What an MoE block computes, as extracted from the graph.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// How router logits become (expert, weight) pairs for each token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Routing {
     /// softmax over all experts, then top-k of the probabilities; with `renormalize` the k
@@ -24,7 +24,7 @@ impl std::fmt::Display for Routing {
 }
 
 /// Expert FFN activation.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Activation {
     /// `down(silu(gate(x)) * up(x))`
@@ -40,7 +40,7 @@ impl std::fmt::Display for Activation {
 }
 
 /// Shape and semantics of one MoE block.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MoeSpec {
     /// Model layer the block belongs to (from tensor names where available, else the block's ordinal).
     pub layer: usize,

@@ -23,7 +23,14 @@ pub trait ExpertStore: Send + Sync + Debug {
         self.len() == 0
     }
     /// The expert `index`, loading it if the store keeps experts out of memory.
+    ///
+    /// Implementations may block until memory is free (a cache with a byte budget): callers
+    /// must not hold one expert while asking for another on the same thread, and
+    /// [`ExpertFfn::forward`] must not run other experts' work (no nested rayon tasks).
     fn expert(&self, index: usize) -> Result<Arc<dyn ExpertFfn>>;
+
+    /// The expert `index` as f32 matrices (dequantised if stored quantised), for repacking.
+    fn to_dense(&self, index: usize) -> Result<DenseExpert>;
 }
 
 /// A SwiGLU expert held as f32 matrices in `[out, in]` (row-major) layout.
@@ -116,6 +123,18 @@ impl ExpertStore for F32ExpertStore {
         self.experts
             .get(index)
             .map(|e| e.clone() as Arc<dyn ExpertFfn>)
+            .ok_or_else(|| {
+                Error::InvalidInput(format!(
+                    "expert {index} out of range ({})",
+                    self.experts.len()
+                ))
+            })
+    }
+
+    fn to_dense(&self, index: usize) -> Result<DenseExpert> {
+        self.experts
+            .get(index)
+            .map(|e| (**e).clone())
             .ok_or_else(|| {
                 Error::InvalidInput(format!(
                     "expert {index} out of range ({})",

@@ -28,6 +28,8 @@ pub struct ImportedModel {
     pub proto: ModelProto,
     pub blocks: Vec<MatchedBlock>,
     pub layers: Vec<Arc<MoeLayer>>,
+    /// Registry id of each layer (the `moe_id` attribute of its node).
+    pub layer_ids: Vec<i64>,
     pub fallbacks: Vec<BlockReport>,
     /// Initializers removed from the graph (expert weights and what only the blocks used).
     pub removed_initializers: Vec<String>,
@@ -35,6 +37,27 @@ pub struct ImportedModel {
 }
 
 impl ImportedModel {
+    /// A model whose graph already refers to `layers` through `moe_id` attributes equal to
+    /// `layer_ids` (as registered by the caller).
+    pub(crate) fn from_parts(
+        path: PathBuf,
+        proto: ModelProto,
+        layers: Vec<Arc<MoeLayer>>,
+        layer_ids: Vec<i64>,
+        registration: LayerRegistration,
+    ) -> Self {
+        ImportedModel {
+            path,
+            proto,
+            blocks: vec![],
+            layers,
+            layer_ids,
+            fallbacks: vec![],
+            removed_initializers: vec![],
+            _registration: registration,
+        }
+    }
+
     /// Directory that external data is resolved against.
     pub fn dir(&self) -> Option<&Path> {
         self.path.parent()
@@ -106,6 +129,7 @@ pub fn import_model(path: &Path, opts: DetectOptions) -> Result<ImportedModel> {
         proto,
         blocks: detection.blocks,
         layers,
+        layer_ids: ids,
         fallbacks: detection.fallbacks,
         removed_initializers: removed,
         _registration: registration,

@@ -1,0 +1,194 @@
+//! `moe-edge bench`: load time, time to first token, prefill and decode speed (median and spread
+//! over repeats), peak memory and bytes read, for one model on this machine.
+
+use std::time::Instant;
+
+use clap::Args;
+use moe_edge::procstats;
+use moe_edge::sampling::argmax;
+use moe_edge::Session;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use super::ModelArgs;
+
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length (random token ids, fixed seed).
+    #[arg(long, default_value_t = 64)]
+    pub prompt_tokens: usize,
+    /// Tokens generated after the prompt (greedy, EOS ignored).
+    #[arg(long, default_value_t = 32)]
+    pub gen_tokens: usize,
+    /// Measured repeats (after one warm-up run).
+    #[arg(long, default_value_t = 3)]
+    pub repeat: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Median and spread of one measure over the repeats.
+#[derive(Debug, Serialize)]
+struct Spread {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Spread {
+    fn of(mut v: Vec<f64>) -> Spread {
+        v.sort_by(f64::total_cmp);
+        let median = if v.is_empty() { 0.0 } else { v[v.len() / 2] };
+        Spread {
+            median,
+            min: v.first().copied().unwrap_or(0.0),
+            max: v.last().copied().unwrap_or(0.0),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    model: String,
+    mode: &'static str,
+    moe_layers: usize,
+    kv_cache: bool,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    repeat: usize,
+    threads: usize,
+    isa: &'static str,
+    load_s: f64,
+    ttft_s: f64,
+    prefill_tokens_per_s: f64,
+    decode_tokens_per_s: f64,
+    ttft: Spread,
+    prefill: Spread,
+    decode: Spread,
+    peak_rss_bytes: Option<u64>,
+    /// bytes read from storage (`/proc/self/io` read_bytes) per decoded token, during decode
+    disk_read_bytes_per_token: Option<f64>,
+    cache: Option<serde_json::Value>,
+}
+
+struct Run {
+    ttft: f64,
+    prefill_tps: f64,
+    decode_tps: f64,
+    disk_read: Option<u64>,
+}
+
+pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        args.prompt_tokens > 0 && args.gen_tokens > 1 && args.repeat > 0,
+        "need --prompt-tokens > 0, --gen-tokens > 1, --repeat > 0"
+    );
+    let t0 = Instant::now();
+    let model = args.model.load()?;
+    model.plan(1)?;
+    let load_s = t0.elapsed().as_secs_f64();
+    let vocab = Session::new(&model)?.feed(&[1])?.len() as i64;
+    let mut rng = StdRng::seed_from_u64(1234);
+    let prompt: Vec<i64> = (0..args.prompt_tokens)
+        .map(|_| rng.random_range(3.min(vocab - 1)..vocab))
+        .collect();
+
+    let one_run = || -> anyhow::Result<Run> {
+        let mut session = Session::new(&model)?;
+        let t = Instant::now();
+        let mut logits = session.feed(&prompt)?;
+        let prefill_s = t.elapsed().as_secs_f64();
+        let mut next = argmax(&logits) as i64;
+        let ttft = t.elapsed().as_secs_f64();
+        let io_before = procstats::io_read_bytes();
+        let t = Instant::now();
+        for _ in 1..args.gen_tokens {
+            logits = session.feed(&[next])?;
+            next = argmax(&logits) as i64;
+        }
+        let decode_s = t.elapsed().as_secs_f64();
+        let disk_read = io_before
+            .zip(procstats::io_read_bytes())
+            .map(|(a, b)| b.0 - a.0);
+        Ok(Run {
+            ttft,
+            prefill_tps: args.prompt_tokens as f64 / prefill_s,
+            decode_tps: (args.gen_tokens - 1) as f64 / decode_s,
+            disk_read,
+        })
+    };
+    one_run()?; // warm-up
+    let runs = (0..args.repeat)
+        .map(|_| one_run())
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let ttft = Spread::of(runs.iter().map(|r| r.ttft).collect());
+    let prefill = Spread::of(runs.iter().map(|r| r.prefill_tps).collect());
+    let decode = Spread::of(runs.iter().map(|r| r.decode_tps).collect());
+    let disk: Vec<u64> = runs.iter().filter_map(|r| r.disk_read).collect();
+    let report = Report {
+        model: model.files.onnx.display().to_string(),
+        mode: if args.model.literal {
+            "literal"
+        } else {
+            "sparse"
+        },
+        moe_layers: model.imported.layers.len(),
+        kv_cache: model.has_kv_cache(),
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        repeat: args.repeat,
+        threads: rayon::current_num_threads(),
+        isa: "scalar-f32",
+        load_s,
+        ttft_s: ttft.median,
+        prefill_tokens_per_s: prefill.median,
+        decode_tokens_per_s: decode.median,
+        ttft,
+        prefill,
+        decode,
+        peak_rss_bytes: procstats::peak_rss_bytes(),
+        disk_read_bytes_per_token: (!disk.is_empty())
+            .then(|| disk.iter().sum::<u64>() as f64 / (disk.len() * (args.gen_tokens - 1)) as f64),
+        cache: model
+            .cache
+            .as_ref()
+            .map(|c| serde_json::to_value(c.stats()))
+            .transpose()?,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "model      {} ({} mode, {} MoE layers, kv cache {})",
+            report.model, report.mode, report.moe_layers, report.kv_cache
+        );
+        println!("threads    {}   isa {}", report.threads, report.isa);
+        println!("load       {:.3} s", report.load_s);
+        println!(
+            "ttft       {:.4} s (min {:.4}, max {:.4})",
+            report.ttft.median, report.ttft.min, report.ttft.max
+        );
+        println!(
+            "prefill    {:.1} tok/s (min {:.1}, max {:.1}) over {} tokens",
+            report.prefill.median, report.prefill.min, report.prefill.max, args.prompt_tokens
+        );
+        println!(
+            "decode     {:.1} tok/s (min {:.1}, max {:.1}) over {} tokens",
+            report.decode.median,
+            report.decode.min,
+            report.decode.max,
+            args.gen_tokens - 1
+        );
+        if let Some(p) = report.peak_rss_bytes {
+            println!("peak RSS   {:.1} MiB", p as f64 / (1 << 20) as f64);
+        }
+        if let Some(d) = report.disk_read_bytes_per_token {
+            println!("disk read  {:.0} bytes per decoded token", d);
+        }
+    }
+    Ok(())
+}

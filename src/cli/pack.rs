@@ -1,0 +1,52 @@
+//! `moe-edge pack`: write a packed model directory.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use moe_edge::pack::{pack_model, ExpertFormat, PackOptions};
+
+#[derive(Debug, Args)]
+pub struct PackArgs {
+    /// The model to pack (.onnx file or directory).
+    pub model: PathBuf,
+    /// Output directory.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// How experts are stored.
+    #[arg(long, value_enum, default_value_t = ExpertFormat::Int8)]
+    pub experts: ExpertFormat,
+    /// Alignment of each expert in the expert file, in bytes (a power of two; the default suits
+    /// 4, 16 and 64 KiB page kernels).
+    #[arg(long, default_value_t = moe_edge::pack::writer::DEFAULT_ALIGN)]
+    pub align: u64,
+    /// Pack even if some MoE blocks are not understood (they stay dense in the graph).
+    #[arg(long)]
+    pub dense_fallback: bool,
+}
+
+pub fn run(args: PackArgs) -> anyhow::Result<()> {
+    let opts = PackOptions {
+        experts: args.experts,
+        alignment: args.align,
+        dense_fallback: args.dense_fallback,
+        progress: true,
+    };
+    let started = std::time::Instant::now();
+    let s = pack_model(&args.model, &args.output, &opts)?;
+    println!(
+        "packed {} experts of {} MoE layers as {:?} into {} ({:.1} MiB expert file) in {:.1}s",
+        s.experts,
+        s.layers,
+        args.experts,
+        s.out_dir.display(),
+        s.expert_file_bytes as f64 / 1048576.0,
+        started.elapsed().as_secs_f64()
+    );
+    if s.tensors_with_f32_scales > 0 {
+        println!(
+            "{} matrices use f32 block scales (values outside f16's range)",
+            s.tensors_with_f32_scales
+        );
+    }
+    Ok(())
+}
