@@ -74,7 +74,7 @@ fn cgroup_is_removed_after_exit_oom_and_timeout() {
 #[test]
 fn cgroup_is_removed_on_ctrl_c() {
     let name = format!("memcap-int-{}", std::process::id());
-    let mut child = memcap()
+    let child = memcap()
         .args(["--limit-mb", "64", "--name", &name, "--", "sleep", "30"])
         .stdout(Stdio::piped())
         .spawn()
