@@ -27,6 +27,8 @@ pub struct LoadOptions {
     pub expert_cache_mb: Option<u64>,
     /// Check every expert's checksum at open (packed models).
     pub verify: bool,
+    /// Which expert the cache evicts on a miss (packed models).
+    pub cache_policy: crate::pack::EvictionPolicy,
 }
 
 /// The files of a model: an `.onnx` file, or a directory holding `model.onnx` and optionally
@@ -118,6 +120,7 @@ impl Model {
                 PackOpenOptions {
                     expert_cache_mb: opts.expert_cache_mb,
                     verify: opts.verify,
+                    cache_policy: opts.cache_policy,
                 },
             )?;
             (pack.imported, Some(pack.cache), Some(pack.manifest))

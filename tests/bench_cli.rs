@@ -7,15 +7,44 @@ fn bench_json_has_the_documented_keys() {
     let dir = std::env::temp_dir().join(format!("moe-edge-bench-{}", std::process::id()));
     let model = format!("{}/models/tiny-mixtral", env!("CARGO_MANIFEST_DIR"));
     let bin = env!("CARGO_BIN_EXE_moe-edge");
-    assert!(Command::new(bin).args(["pack", &model, "-o", dir.to_str().unwrap()]).status().unwrap().success());
+    assert!(Command::new(bin)
+        .args(["pack", &model, "-o", dir.to_str().unwrap()])
+        .status()
+        .unwrap()
+        .success());
     for (m, packed) in [(model.as_str(), false), (dir.to_str().unwrap(), true)] {
         let out = Command::new(bin)
-            .args(["--threads", "2", "bench", "-m", m, "--prompt-tokens", "8", "--gen-tokens", "4", "--repeat", "2", "--json", "--expert-cache-mb", "1"])
+            .args([
+                "--threads",
+                "2",
+                "bench",
+                "-m",
+                m,
+                "--prompt-tokens",
+                "8",
+                "--gen-tokens",
+                "4",
+                "--repeat",
+                "2",
+                "--json",
+                "--expert-cache-mb",
+                "1",
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        for key in ["load_s", "ttft_s", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_rss_bytes"] {
+        for key in [
+            "load_s",
+            "ttft_s",
+            "prefill_tokens_per_s",
+            "decode_tokens_per_s",
+            "peak_rss_bytes",
+        ] {
             assert!(j[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {j}");
         }
         assert_eq!(j["threads"], 2);
@@ -26,7 +55,14 @@ fn bench_json_has_the_documented_keys() {
         assert!(j["decode"]["min"].as_f64() <= j["decode"]["max"].as_f64());
         assert_eq!(j["prompt_tokens"], 8);
         if packed {
-            for key in ["hits", "misses", "bytes_loaded", "evictions", "peak_resident_bytes", "budget_bytes"] {
+            for key in [
+                "hits",
+                "misses",
+                "bytes_loaded",
+                "evictions",
+                "peak_resident_bytes",
+                "budget_bytes",
+            ] {
                 assert!(j["cache"][key].is_u64(), "cache.{key} in {j}");
             }
             assert!(j["cache"]["misses"].as_u64().unwrap() > 0);

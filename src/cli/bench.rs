@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use clap::Args;
 use moe_edge::procstats;
-use moe_edge::sampling::argmax;
+use moe_edge::sampling::{Sampler, SamplingParams};
 use moe_edge::Session;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -26,6 +26,12 @@ pub struct BenchArgs {
     /// Measured repeats (after one warm-up run).
     #[arg(long, default_value_t = 3)]
     pub repeat: usize,
+    /// Sample decode tokens at this temperature (seeded) instead of greedy: varied tokens route
+    /// to varied experts, which is what a cache should be measured on.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    #[arg(long, default_value_t = 1234)]
+    pub seed: u64,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
@@ -59,6 +65,7 @@ struct Report {
     kv_cache: bool,
     prompt_tokens: usize,
     gen_tokens: usize,
+    temperature: f32,
     repeat: usize,
     threads: usize,
     isa: &'static str,
@@ -99,16 +106,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
 
     let one_run = || -> anyhow::Result<Run> {
         let mut session = Session::new(&model)?;
+        let mut sampler = Sampler::new(SamplingParams {
+            temperature: args.temperature,
+            seed: args.seed,
+            ..Default::default()
+        });
         let t = Instant::now();
         let mut logits = session.feed(&prompt)?;
         let prefill_s = t.elapsed().as_secs_f64();
-        let mut next = argmax(&logits) as i64;
+        let mut next = sampler.sample(&logits, &[]);
         let ttft = t.elapsed().as_secs_f64();
         let io_before = procstats::io_read_bytes();
         let t = Instant::now();
         for _ in 1..args.gen_tokens {
             logits = session.feed(&[next])?;
-            next = argmax(&logits) as i64;
+            next = sampler.sample(&logits, &[]);
         }
         let decode_s = t.elapsed().as_secs_f64();
         let disk_read = io_before
@@ -140,6 +152,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         kv_cache: model.has_kv_cache(),
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
+        temperature: args.temperature,
         repeat: args.repeat,
         threads: rayon::current_num_threads(),
         isa: "scalar-f32",

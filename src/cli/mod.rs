@@ -57,6 +57,9 @@ pub struct ModelArgs {
     /// Check the checksum of every expert of a packed model when opening it.
     #[arg(long)]
     pub verify: bool,
+    /// Which expert the cache evicts on a miss.
+    #[arg(long, value_enum, default_value_t = moe_edge::pack::EvictionPolicy::LayerCycle)]
+    pub cache_policy: moe_edge::pack::EvictionPolicy,
 }
 
 impl ModelArgs {
@@ -66,6 +69,7 @@ impl ModelArgs {
             literal: self.literal,
             expert_cache_mb: self.expert_cache_mb,
             verify: self.verify,
+            cache_policy: self.cache_policy,
         };
         Ok(moe_edge::Model::load(&self.model, opts)?)
     }

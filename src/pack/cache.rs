@@ -73,9 +73,33 @@ struct State {
     layers: Vec<CacheCounters>,
 }
 
+/// Which unused expert a miss evicts.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvictionPolicy {
+    /// Least recently used first.
+    Lru,
+    /// Layers run in a cycle, once per token: evict from the layer whose next turn is furthest
+    /// away (the layer that ran last), least recently used first within it. Plain LRU evicts
+    /// exactly the experts the next layers need when the budget is below the working set.
+    #[default]
+    LayerCycle,
+}
+
 /// The cache. Shared by every layer and session of a process.
 pub struct ExpertCache {
     budget: u64,
+    policy: EvictionPolicy,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -114,8 +138,13 @@ impl Drop for Pinned {
 
 impl ExpertCache {
     pub fn new(budget: u64, layers: usize) -> Arc<Self> {
+        Self::with_policy(budget, layers, EvictionPolicy::default())
+    }
+
+    pub fn with_policy(budget: u64, layers: usize, policy: EvictionPolicy) -> Arc<Self> {
         Arc::new(ExpertCache {
             budget,
+            policy,
             state: Mutex::new(State {
                 slots: HashMap::new(),
                 clock: 0,
@@ -129,6 +158,10 @@ impl ExpertCache {
 
     pub fn budget(&self) -> u64 {
         self.budget
+    }
+
+    pub fn policy(&self) -> EvictionPolicy {
+        self.policy
     }
 
     /// The expert `(layer, expert)`, loaded by `load` on a miss. `bytes` is what the loaded
@@ -165,7 +198,8 @@ impl ExpertCache {
                 }
                 None => {}
             }
-            // make room: evict unused experts, least recently used first
+            // make room: evict unused experts per the policy
+            let n_layers = st.layers.len() as u64;
             while st.resident + bytes > self.budget {
                 let victim = st
                     .slots
@@ -173,11 +207,21 @@ impl ExpertCache {
                     .filter_map(|(k, s)| match s {
                         Slot::Ready {
                             expert, last_used, ..
-                        } if Arc::strong_count(expert) == 1 => Some((*last_used, *k)),
+                        } if Arc::strong_count(expert) == 1 => {
+                            // layers until this expert's layer runs next; the running layer counts
+                            // as nearest, since its other selected experts follow right away
+                            let until_next_turn = match self.policy {
+                                EvictionPolicy::Lru => 0,
+                                EvictionPolicy::LayerCycle => {
+                                    (k.0 as u64 + n_layers - layer as u64) % n_layers
+                                }
+                            };
+                            Some((std::cmp::Reverse(until_next_turn), *last_used, *k))
+                        }
                         _ => None,
                     })
                     .min();
-                let Some((_, vk)) = victim else { break };
+                let Some((_, _, vk)) = victim else { break };
                 if let Some(Slot::Ready { bytes: b, .. }) = st.slots.remove(&vk) {
                     st.resident -= b;
                     st.layers[vk.0 as usize].evictions += 1;
@@ -266,7 +310,7 @@ mod tests {
 
     #[test]
     fn lru_eviction_within_budget() {
-        let cache = ExpertCache::new(30, 1);
+        let cache = ExpertCache::with_policy(30, 1, EvictionPolicy::Lru);
         let loads = AtomicUsize::new(0);
         for e in [0, 1, 2, 0, 3, 1] {
             drop(cache.get(0, e, 10, || loader(&loads)).unwrap());
@@ -277,6 +321,30 @@ mod tests {
         assert_eq!(loads.load(Ordering::Relaxed), 5);
         assert!(s.peak_resident_bytes <= 30 && s.resident_bytes == 30);
         assert_eq!(s.bytes_loaded, 50);
+    }
+
+    /// A cyclic scan over 4 layers with room for 6 of 8 experts: LRU always evicts the expert
+    /// needed next and never hits; the layer-cycle policy hits half of the time (the optimum,
+    /// evicting what is needed furthest ahead, is 5 of 8).
+    #[test]
+    fn layer_cycle_policy_beats_lru_on_cyclic_scans() {
+        let hits = |policy| {
+            let cache = ExpertCache::with_policy(60, 4, policy);
+            let loads = AtomicUsize::new(0);
+            for _token in 0..20 {
+                for layer in 0..4 {
+                    for e in 0..2 {
+                        drop(cache.get(layer, e, 10, || loader(&loads)).unwrap());
+                    }
+                }
+            }
+            let s = cache.stats();
+            assert!(s.peak_resident_bytes <= 60);
+            s.hits
+        };
+        assert_eq!(hits(EvictionPolicy::Lru), 0);
+        let h = hits(EvictionPolicy::LayerCycle);
+        assert!(h >= 19 * 4, "layer-cycle hits {h}");
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::moe::q8_expert::{Q8Expert, Q8Path};
 use crate::moe::{DenseExpert, ExpertFfn, ExpertStore, SharedExpert};
 use crate::onnx::{ImportedModel, MOE_OP_TYPE};
 use crate::sparse_op::LayerRegistration;
+pub use cache::EvictionPolicy;
 use cache::ExpertCache;
 use file::PackFile;
 use format::{Entry, TensorFormat, TensorKind};
@@ -41,6 +42,7 @@ pub struct PackOpenOptions {
     pub expert_cache_mb: Option<u64>,
     /// Check every tensor's checksum at open.
     pub verify: bool,
+    pub cache_policy: EvictionPolicy,
 }
 
 /// An opened pack: its graph, layers and the cache they share.
@@ -82,7 +84,7 @@ pub fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack> {
         log::warn!("expert cache budget {budget} bytes is smaller than one expert ({largest} bytes): using {largest}");
         budget = largest;
     }
-    let cache = ExpertCache::new(budget, manifest.layers.len());
+    let cache = ExpertCache::with_policy(budget, manifest.layers.len(), opts.cache_policy);
     log::info!(
         "expert cache: budget {:.1} MiB of {:.1} MiB of experts",
         budget as f64 / 1048576.0,
