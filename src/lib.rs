@@ -8,7 +8,6 @@
 pub mod config;
 pub mod error;
 pub mod generate;
-pub mod kernels;
 pub mod model;
 pub mod moe;
 pub mod onnx;
@@ -23,6 +22,8 @@ pub mod threads;
 pub use error::{Error, Result};
 pub use generate::{generate, GenerateParams, Generation};
 pub use model::{LoadOptions, Model};
+/// The int8 kernels (a crate of their own: they know nothing about models).
+pub use moe_edge_kernels as kernels;
 pub use sampling::SamplingParams;
 pub use session::Session;
 

@@ -68,6 +68,7 @@ struct Report {
     temperature: f32,
     repeat: usize,
     threads: usize,
+    /// int8 kernels in use (packed int8 experts; f32 experts use portable f32 code)
     isa: &'static str,
     load_s: f64,
     ttft_s: f64,
@@ -155,7 +156,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         temperature: args.temperature,
         repeat: args.repeat,
         threads: rayon::current_num_threads(),
-        isa: "scalar-f32",
+        isa: moe_edge::kernels::kernels().isa.name(),
         load_s,
         ttft_s: ttft.median,
         prefill_tokens_per_s: prefill.median,

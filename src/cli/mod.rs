@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod generate;
+pub mod info;
 pub mod inspect;
 pub mod logits;
 pub mod pack;
@@ -30,6 +31,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Generate text from a prompt, streaming it as it comes.
     Generate(generate::GenerateArgs),
+    /// What this CPU supports and which kernels moe-edge chose.
+    Info,
     /// Quantise a model's experts into a packed, memory-mapped model directory.
     Pack(pack::PackArgs),
     /// Measure load time, time to first token, prefill and decode speed, memory.
@@ -82,6 +85,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Logits(a) => logits::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Pack(a) => pack::run(a),
+        Command::Info => info::run(),
     }
 }
 

@@ -1,7 +1,7 @@
 //! An expert whose matrices are int8 blocks (the pack's format), computed by the int8 kernels.
 
 use crate::kernels::q8::{Q8Activations, Q8Matrix};
-use crate::kernels::scalar;
+use crate::kernels::{kernels, scalar};
 use crate::moe::store::{silu, ExpertFfn};
 
 /// How int8 experts multiply: int8 x int8 with per-block activation quantisation (default),
@@ -40,7 +40,7 @@ impl Q8Expert {
         out: &mut [f32],
     ) {
         match xq {
-            Some(q) => scalar::gemm_q8_q8(q, w, out),
+            Some(q) => kernels().gemm_q8_q8(q, w, out),
             None => scalar::gemm_f32_q8(x, rows, w, out),
         }
     }

@@ -1,8 +1,8 @@
 //! Portable reference kernels for the int8 block format. SIMD kernels must match these:
 //! bit-exact for the integer dot products, within a stated bound for float paths.
 
-use super::q8::{Q8Activations, Q8Matrix};
-use super::BLOCK;
+use crate::q8::{Q8Activations, Q8Matrix};
+use crate::BLOCK;
 
 /// Integer dot product of one block: `sum(a[i] * b[i])` in i32.
 #[inline]
@@ -42,6 +42,32 @@ pub fn gemm_q8_q8(x: &Q8Activations, w: &Q8Matrix, out: &mut [f32]) {
     }
 }
 
+/// [`gemm_q8_q8`] behind the dispatch table's signature.
+///
+/// # Safety
+/// Always safe to call (no special instructions); `unsafe` only to share the table's type.
+pub unsafe fn gemm_q8_q8_unchecked(x: &Q8Activations, w: &Q8Matrix, out: &mut [f32]) {
+    gemm_q8_q8(x, w, out)
+}
+
+/// Per-block i32 dot products: `out[i] = dot(a[32i..], b[32i..])`.
+pub fn block_dots(a: &[i8], b: &[i8], out: &mut [i32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = dot_block_i8(
+            &a[i * BLOCK..(i + 1) * BLOCK],
+            &b[i * BLOCK..(i + 1) * BLOCK],
+        );
+    }
+}
+
+/// [`block_dots`] behind the dispatch table's signature.
+///
+/// # Safety
+/// Always safe to call; `unsafe` only to share the table's type.
+pub unsafe fn block_dots_unchecked(a: &[i8], b: &[i8], out: &mut [i32]) {
+    block_dots(a, b, out)
+}
+
 /// `out[r, o] = sum_c x[r, c] * w[o, c]` with `w` dequantised on the fly (f32 activations).
 pub fn gemm_f32_q8(x: &[f32], rows: usize, w: &Q8Matrix, out: &mut [f32]) {
     let (cols, nb) = (w.cols, w.blocks_per_row());
@@ -56,8 +82,7 @@ pub fn gemm_f32_q8(x: &[f32], rows: usize, w: &Q8Matrix, out: &mut [f32]) {
             }
         }
         for r in 0..rows {
-            out[r * w.rows + o] =
-                crate::moe::store::dot(&x[r * cols..(r + 1) * cols], &wrow[..cols]);
+            out[r * w.rows + o] = crate::dot_f32(&x[r * cols..(r + 1) * cols], &wrow[..cols]);
         }
     }
 }
@@ -65,7 +90,7 @@ pub fn gemm_f32_q8(x: &[f32], rows: usize, w: &Q8Matrix, out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::q8::{q8_bytes, quantize, ScaleType};
+    use crate::q8::{q8_bytes, quantize, ScaleType};
 
     fn matrix(rows: usize, cols: usize, seed: u32) -> Vec<f32> {
         (0..rows * cols)
@@ -91,7 +116,12 @@ mod tests {
             let w = matrix(out_rows, cols, 1);
             let x = matrix(rows, cols, 2);
             let mut exact = vec![0f32; rows * out_rows];
-            crate::moe::store::matmul_wt(&x, rows, cols, &w, out_rows, &mut exact);
+            for r in 0..rows {
+                for o in 0..out_rows {
+                    exact[r * out_rows + o] =
+                        (0..cols).map(|c| x[r * cols + c] * w[o * cols + c]).sum();
+                }
+            }
             let qw = q(&w, out_rows, cols);
             let mut a = vec![0f32; rows * out_rows];
             gemm_f32_q8(&x, rows, &qw, &mut a);

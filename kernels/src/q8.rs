@@ -2,7 +2,7 @@
 
 use half::f16;
 
-use super::BLOCK;
+use crate::BLOCK;
 
 /// Number of blocks covering `cols` values.
 pub fn blocks_per_row(cols: usize) -> usize {
@@ -103,13 +103,17 @@ pub struct Q8Matrix {
 }
 
 impl Q8Matrix {
-    /// Reads a matrix written by [`quantize`].
+    /// Reads a matrix written by [`quantize`]. `None` if the size does not match the shape or
+    /// a value is -128, which the format never contains (the SIMD kernels rely on |q| <= 127).
     pub fn from_bytes(bytes: &[u8], rows: usize, cols: usize, scale: ScaleType) -> Option<Self> {
         if bytes.len() != q8_bytes(rows, cols, scale) {
             return None;
         }
         let nb = blocks_per_row(cols);
         let (qs, sc) = bytes.split_at(rows * nb * BLOCK);
+        if qs.contains(&0x80) {
+            return None;
+        }
         let qs = qs.iter().map(|&b| b as i8).collect();
         let scales = match scale {
             ScaleType::F16 => sc

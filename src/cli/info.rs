@@ -1,0 +1,23 @@
+//! `moe-edge info`: the CPU's instruction sets, the kernels chosen, threads.
+
+use moe_edge::kernels::{available, dispatch::ALL, kernels};
+
+pub fn run() -> anyhow::Result<()> {
+    println!("moe-edge {}", env!("CARGO_PKG_VERSION"));
+    println!("architecture: {}", std::env::consts::ARCH);
+    let supported = available();
+    for isa in ALL {
+        let mark = if supported.contains(&isa) {
+            "yes"
+        } else {
+            "no"
+        };
+        println!("  {:<11} {mark}", isa.name());
+    }
+    println!(
+        "int8 kernels chosen: {} (override with MOE_EDGE_ISA=<name>)",
+        kernels().isa.name()
+    );
+    println!("worker threads: {}", rayon::current_num_threads());
+    Ok(())
+}
