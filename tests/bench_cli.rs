@@ -2,6 +2,9 @@
 
 use std::process::Command;
 
+mod common;
+use common::assert_cache_keys;
+
 #[test]
 fn bench_json_has_the_documented_keys() {
     let dir = std::env::temp_dir().join(format!("moe-edge-bench-{}", std::process::id()));
@@ -55,16 +58,7 @@ fn bench_json_has_the_documented_keys() {
         assert!(j["decode"]["min"].as_f64() <= j["decode"]["max"].as_f64());
         assert_eq!(j["prompt_tokens"], 8);
         if packed {
-            for key in [
-                "hits",
-                "misses",
-                "bytes_loaded",
-                "evictions",
-                "peak_resident_bytes",
-                "budget_bytes",
-            ] {
-                assert!(j["cache"][key].is_u64(), "cache.{key} in {j}");
-            }
+            assert_cache_keys(&j["cache"]);
             assert!(j["cache"]["misses"].as_u64().unwrap() > 0);
         } else {
             assert!(j["cache"].is_null());

@@ -56,11 +56,7 @@ fn logits(model: &Model, input: usize) -> (Vec<f32>, usize) {
 #[test]
 fn f32_pack_gives_the_unpacked_logits() {
     for (arch, method) in EXPORTS {
-        let src = fixtures()
-            .join("hf-moe/models")
-            .join(arch)
-            .join(method)
-            .join("model.onnx");
+        let src = kit_export(arch, method);
         let unpacked = Model::load(&src, LoadOptions::default()).unwrap();
         let dir = pack(&src, &format!("f32-{arch}-{method}"), ExpertFormat::F32);
         let packed = Model::load(&dir, LoadOptions::default()).unwrap();
@@ -123,11 +119,7 @@ fn int8_pack_accuracy_against_torch() {
         "arch", "export", "scales", "max|diff|", "top-1", "mean KL"
     );
     for (arch, method) in EXPORTS {
-        let src = fixtures()
-            .join("hf-moe/models")
-            .join(arch)
-            .join(method)
-            .join("model.onnx");
+        let src = kit_export(arch, method);
         let mut kls = vec![];
         for scales in [ScaleType::F16, ScaleType::F32] {
             let opts = PackOptions {
@@ -378,16 +370,7 @@ fn pack_cli_writes_a_model_that_generates() {
         String::from_utf8_lossy(&gen.stderr)
     );
     let j: serde_json::Value = serde_json::from_slice(&gen.stdout).unwrap();
-    for key in [
-        "hits",
-        "misses",
-        "bytes_loaded",
-        "evictions",
-        "peak_resident_bytes",
-        "budget_bytes",
-    ] {
-        assert!(j["cache"].get(key).is_some(), "cache.{key} missing: {j}");
-    }
+    assert_cache_keys(&j["cache"]);
     assert_eq!(j["cache"]["budget_bytes"], 1 << 20);
     std::fs::remove_dir_all(&out).ok();
 }

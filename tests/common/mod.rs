@@ -40,3 +40,29 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
 }
+
+/// Path of an R1 export of the kit: `hf-moe/models/<arch>/<method>/model.onnx`.
+pub fn kit_export(arch: &str, method: &str) -> PathBuf {
+    fixtures()
+        .join("hf-moe/models")
+        .join(arch)
+        .join(method)
+        .join("model.onnx")
+}
+
+/// Asserts that a JSON `cache` object has the documented counters.
+pub fn assert_cache_keys(cache: &serde_json::Value) {
+    for key in [
+        "hits",
+        "misses",
+        "bytes_loaded",
+        "evictions",
+        "peak_resident_bytes",
+        "budget_bytes",
+    ] {
+        assert!(
+            cache[key].is_u64(),
+            "cache.{key} missing or not a count in {cache}"
+        );
+    }
+}
