@@ -6,6 +6,7 @@
 //! [`generate`] turn the model into a text generator with a KV cache.
 
 pub mod config;
+pub mod dense_op;
 pub mod error;
 pub mod generate;
 pub mod model;

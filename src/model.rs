@@ -169,6 +169,7 @@ impl Model {
         let started = std::time::Instant::now();
         let mut onnx = tract_onnx::onnx().with_ignore_value_info(true);
         crate::sparse_op::register(&mut onnx);
+        crate::dense_op::register(&mut onnx);
         let dir = self.files.dir.to_str();
         let parsed = onnx
             .parse(&self.imported.proto, dir)
@@ -425,6 +426,7 @@ pub fn run_imported_graph(
 ) -> Result<(Vec<Tensor>, TypedModel)> {
     let mut onnx = tract_onnx::onnx().with_ignore_value_info(true);
     crate::sparse_op::register(&mut onnx);
+    crate::dense_op::register(&mut onnx);
     let dir = imported.dir().and_then(|d| d.to_str());
     let parsed = onnx
         .parse(&imported.proto, dir)

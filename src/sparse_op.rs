@@ -2,7 +2,8 @@
 //! that the rewritten graph contains once per MoE block, evaluated by [`MoeLayer::forward`].
 //!
 //! tract's op builders are plain function pointers, so the layer behind a node is found through
-//! a process-wide registry keyed by the node's `moe_id` attribute.
+//! a process-wide registry keyed by the node's `moe_id` attribute (shared with the int8 dense
+//! linear op of `dense_op`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -14,9 +15,27 @@ use tract_onnx::tract_hir::internal::*;
 use crate::moe::forward::MoeLayer;
 use crate::onnx::{MOE_OP_DOMAIN, MOE_OP_TYPE};
 
-fn registry() -> &'static Mutex<HashMap<i64, Arc<MoeLayer>>> {
-    static REGISTRY: OnceLock<Mutex<HashMap<i64, Arc<MoeLayer>>>> = OnceLock::new();
+/// What a registered id stands for.
+#[derive(Debug, Clone)]
+pub enum Registered {
+    Moe(Arc<MoeLayer>),
+    Linear(Arc<crate::dense_op::Q8Linear>),
+}
+
+fn registry() -> &'static Mutex<HashMap<i64, Registered>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<i64, Registered>>> = OnceLock::new();
     REGISTRY.get_or_init(Default::default)
+}
+
+/// The registered item behind `id`, for op builders.
+pub(crate) fn lookup(node: &NodeProto) -> TractResult<Registered> {
+    let id: i64 = node.get_attr("moe_id")?;
+    registry()
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&id)
+        .cloned()
+        .with_context(|| format!("node '{}': nothing registered under id {id}", node.name))
 }
 
 /// Keeps layers reachable by id while a rewritten graph may still be parsed; unregisters on drop.
@@ -26,19 +45,29 @@ pub struct LayerRegistration {
 }
 
 impl LayerRegistration {
-    /// Registers layers and returns their ids, in order.
+    /// Registers MoE layers and returns their ids, in order.
     pub fn register(layers: &[Arc<MoeLayer>]) -> (Self, Vec<i64>) {
+        Self::register_items(layers.iter().map(|l| Registered::Moe(l.clone())).collect())
+    }
+
+    /// Registers items and returns their ids, in order.
+    pub fn register_items(items: Vec<Registered>) -> (Self, Vec<i64>) {
         static NEXT: std::sync::atomic::AtomicI64 = std::sync::atomic::AtomicI64::new(1);
         let mut map = registry().lock().unwrap_or_else(|e| e.into_inner());
-        let ids: Vec<i64> = layers
-            .iter()
-            .map(|l| {
+        let ids: Vec<i64> = items
+            .into_iter()
+            .map(|item| {
                 let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                map.insert(id, l.clone());
+                map.insert(id, item);
                 id
             })
             .collect();
         (LayerRegistration { ids: ids.clone() }, ids)
+    }
+
+    /// Adds the ids of another registration to this one (released together).
+    pub fn absorb(&mut self, mut other: LayerRegistration) {
+        self.ids.append(&mut std::mem::take(&mut other.ids));
     }
 }
 
@@ -68,18 +97,9 @@ fn build_from_onnx(
             node.domain
         );
     }
-    let id: i64 = node.get_attr("moe_id")?;
-    let layer = registry()
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .get(&id)
-        .cloned()
-        .with_context(|| {
-            format!(
-                "node '{}': no MoE layer registered under id {id}",
-                node.name
-            )
-        })?;
+    let Registered::Moe(layer) = lookup(node)? else {
+        bail!("node '{}': registered item is not an MoE layer", node.name)
+    };
     Ok((expand(SparseMoeExpansion { layer }), vec![]))
 }
 

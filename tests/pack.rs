@@ -149,6 +149,52 @@ fn int8_pack_accuracy_against_torch() {
     }
 }
 
+/// `pack --dense int8` also quantises the attention projections and the LM head: every MatMul
+/// by a constant weight leaves the graph, and the cost against torch is measured (bounds: top-1
+/// agreement >= 85%, mean KL < 0.05 nats; printed with --nocapture).
+#[test]
+fn dense_int8_pack_accuracy_against_torch() {
+    println!(
+        "{:<12} {:<15} {:>6} {:>10} {:>8} {:>10}",
+        "arch", "export", "dense", "max|diff|", "top-1", "mean KL"
+    );
+    for (arch, method) in EXPORTS {
+        let src = kit_export(arch, method);
+        let opts = PackOptions {
+            experts: ExpertFormat::Int8,
+            dense_int8: true,
+            ..Default::default()
+        };
+        let dir = pack_with(&src, &format!("dense-{arch}-{method}"), opts);
+        let model = Model::load(&dir, LoadOptions::default()).unwrap();
+        let n_dense = model.manifest.as_ref().unwrap().dense.len();
+        assert!(
+            n_dense >= 9,
+            "{arch}/{method}: {n_dense} dense layers packed (q, k, v, o per layer + LM head)"
+        );
+        let graph = model.imported.proto.graph.as_ref().unwrap();
+        let inits: std::collections::HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let left = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "MatMul" && inits.contains(n.input[1].as_str()))
+            .count();
+        assert_eq!(
+            left, 0,
+            "{arch}/{method}: MatMul by a constant weight left in the graph"
+        );
+        let (worst, top1, kl) = accuracy_vs_torch(&model, arch);
+        println!(
+            "{arch:<12} {method:<15} {n_dense:>6} {worst:>10.4} {:>7.1}% {kl:>10.2e}",
+            100.0 * top1
+        );
+        assert!(top1 >= 0.85, "{arch}/{method}: top-1 agreement {top1}");
+        assert!(kl < 0.05, "{arch}/{method}: mean KL {kl}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
 fn greedy(model: &Model, prompt: &[i64], steps: usize) -> Vec<i64> {
     let mut s = Session::new(model).unwrap();
     let mut logits = s.feed(prompt).unwrap();

@@ -23,9 +23,19 @@ pub struct PackArgs {
     /// 4, 16 and 64 KiB page kernels).
     #[arg(long, default_value_t = moe_edge::pack::writer::DEFAULT_ALIGN)]
     pub align: u64,
+    /// How to store the dense linear layers (attention projections, LM head): f32 keeps them in
+    /// the graph (tract computes them), int8 quantises them like the experts.
+    #[arg(long, value_enum, default_value_t = DenseFormat::F32)]
+    pub dense: DenseFormat,
     /// Pack even if some MoE blocks are not understood (they stay dense in the graph).
     #[arg(long)]
     pub dense_fallback: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DenseFormat {
+    F32,
+    Int8,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -45,6 +55,7 @@ pub fn run(args: PackArgs) -> anyhow::Result<()> {
         alignment: args.align,
         dense_fallback: args.dense_fallback,
         progress: true,
+        dense_int8: args.dense == DenseFormat::Int8,
     };
     let started = std::time::Instant::now();
     let s = pack_model(&args.model, &args.output, &opts)?;

@@ -26,6 +26,9 @@ pub enum TensorKind {
     SharedUpProj = 5,
     SharedDownProj = 6,
     SharedGate = 7,
+    /// a dense linear layer's weight `[out, in]` (`pack --dense int8`); `layer` is its index in
+    /// the manifest's `dense` list
+    Dense = 8,
 }
 
 impl TensorKind {
@@ -40,6 +43,7 @@ impl TensorKind {
             SharedUpProj,
             SharedDownProj,
             SharedGate,
+            Dense,
         ]
         .into_iter()
         .find(|k| *k as u16 == v)

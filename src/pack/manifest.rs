@@ -52,6 +52,18 @@ pub struct Manifest {
     /// Default expert cache budget in MiB when the user gives none (`None`: all experts).
     pub expert_cache_mb: Option<u64>,
     pub layers: Vec<PackLayer>,
+    /// Dense linear layers stored as int8 in the expert file (`pack --dense int8`).
+    #[serde(default)]
+    pub dense: Vec<DenseLayer>,
+}
+
+/// A dense linear layer moved out of the graph.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DenseLayer {
+    /// The initializer it came from.
+    pub name: String,
+    pub in_features: usize,
+    pub out_features: usize,
 }
 
 impl Manifest {

@@ -13,13 +13,14 @@ use std::sync::Arc;
 use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto};
 use tract_onnx::prelude::*;
 
+use crate::dense_op::{Q8Linear, LINEAR_OP_TYPE};
 use crate::error::{Error, Result};
 use crate::kernels::q8::{blocks_per_row, Q8Matrix};
 use crate::moe::forward::MoeLayer;
 use crate::moe::q8_expert::{Q8Expert, Q8Path};
 use crate::moe::{DenseExpert, ExpertFfn, ExpertStore, SharedExpert};
 use crate::onnx::{ImportedModel, MOE_OP_TYPE};
-use crate::sparse_op::LayerRegistration;
+use crate::sparse_op::{LayerRegistration, Registered};
 pub use cache::EvictionPolicy;
 use cache::ExpertCache;
 use file::PackFile;
@@ -135,7 +136,23 @@ pub fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack> {
             path: graph_path.clone(),
             reason: format!("not a valid ONNX protobuf ({e:#})"),
         })?;
-    let (registration, ids) = LayerRegistration::register(&layers);
+    let (mut registration, ids) = LayerRegistration::register(&layers);
+    let mut dense = vec![];
+    for (di, d) in manifest.dense.iter().enumerate() {
+        let e = file.entry(di as u32, None, TensorKind::Dense)?;
+        if (e.rows as usize, e.cols as usize) != (d.out_features, d.in_features)
+            || e.format.scale_type().is_none()
+        {
+            return Err(Error::CorruptPack(format!(
+                "dense layer {di} ('{}') does not match its table entry",
+                d.name
+            )));
+        }
+        let m = q8_matrix(&file.read_tensor(e)?, e)?;
+        dense.push(Registered::Linear(Arc::new(Q8Linear::new(di, m))));
+    }
+    let (dense_registration, dense_ids) = LayerRegistration::register_items(dense);
+    registration.absorb(dense_registration);
     let graph = proto.graph.as_mut().ok_or_else(|| Error::ModelLoad {
         path: graph_path.clone(),
         reason: "no graph".into(),
@@ -160,6 +177,36 @@ pub fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack> {
             i: ids[index],
             ..Default::default()
         }];
+    }
+    let mut dense_seen = vec![false; dense_ids.len()];
+    for node in graph
+        .node
+        .iter_mut()
+        .filter(|n| n.op_type == LINEAR_OP_TYPE)
+    {
+        let index = node
+            .attribute
+            .iter()
+            .find(|a| a.name == writer::PACK_DENSE_ATTR)
+            .map(|a| a.i as usize);
+        let index = index.filter(|&i| i < dense_ids.len()).ok_or_else(|| {
+            Error::CorruptPack(format!(
+                "node '{}' names no dense layer of the manifest",
+                node.name
+            ))
+        })?;
+        dense_seen[index] = true;
+        node.attribute = vec![AttributeProto {
+            name: "moe_id".into(),
+            r#type: AttributeType::Int as i32,
+            i: dense_ids[index],
+            ..Default::default()
+        }];
+    }
+    if let Some(missing) = dense_seen.iter().position(|s| !s) {
+        return Err(Error::CorruptPack(format!(
+            "manifest dense layer {missing} has no node in the graph"
+        )));
     }
     if let Some(missing) = seen.iter().position(|s| !s) {
         return Err(Error::CorruptPack(format!(

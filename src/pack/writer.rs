@@ -18,14 +18,17 @@ use super::format::{
     TENSOR_ALIGN,
 };
 use super::manifest::{
-    ExpertFormat, Manifest, PackLayer, SourceInfo, EXPERT_FILE, FORMAT_NAME, FORMAT_VERSION,
-    MANIFEST_FILE,
+    DenseLayer, ExpertFormat, Manifest, PackLayer, SourceInfo, EXPERT_FILE, FORMAT_NAME,
+    FORMAT_VERSION, MANIFEST_FILE,
 };
+use crate::dense_op::LINEAR_OP_TYPE;
 use crate::error::{Error, Result};
 use crate::kernels::q8::{q8_bytes, quantize, scale_type_for, ScaleType};
 use crate::kernels::BLOCK;
 use crate::model::ModelFiles;
 use crate::moe::DenseExpert;
+use crate::onnx::graph::GraphIndex;
+use crate::onnx::tensors::{load_f32, transpose};
 use crate::onnx::{import_model, DetectOptions, ImportedModel, MOE_OP_TYPE};
 
 /// Default alignment of each expert: a multiple of 4 KiB, 16 KiB (Raspberry Pi 5) and
@@ -34,6 +37,54 @@ pub const DEFAULT_ALIGN: u64 = 64 * 1024;
 
 /// Attribute of the sparse-op nodes in a packed graph: the index of the layer in the manifest.
 pub const PACK_LAYER_ATTR: &str = "pack_layer";
+/// Attribute of the int8 dense nodes in a packed graph: the index in the manifest's `dense`.
+pub const PACK_DENSE_ATTR: &str = "pack_dense";
+
+/// A `MatMul(x, W)` by a constant f32 weight to store as int8.
+struct DenseCandidate {
+    /// Output tensor of the MatMul (kept by the replacement node).
+    output: String,
+    input: String,
+    initializer: String,
+    in_features: usize,
+    out_features: usize,
+    /// `[out, in]`
+    weight_out_in: Vec<f32>,
+}
+
+/// Every MatMul by a 2D f32 initializer used by no other node, with both sides at least 32 wide.
+fn dense_candidates(imported: &ImportedModel, dir: &Path) -> Result<Vec<DenseCandidate>> {
+    let graph = imported.proto.graph.as_ref().expect("imported graph");
+    let g = GraphIndex::new(graph);
+    let mut found = vec![];
+    for node in &graph.node {
+        if node.op_type != "MatMul" || !node.domain.is_empty() || node.input.len() != 2 {
+            continue;
+        }
+        let Some(init) = g.initializer(&node.input[1]) else {
+            continue;
+        };
+        let float = init.data_type == tract_onnx::pb::tensor_proto::DataType::Float as i32;
+        if !float
+            || init.dims.len() != 2
+            || init.dims.iter().any(|&d| d < 32)
+            || g.consumers_of(&node.input[1]).len() != 1
+        {
+            continue;
+        }
+        let (in_f, out_f) = (init.dims[0] as usize, init.dims[1] as usize);
+        let (_, w) = load_f32(&g, &node.input[1], Some(dir))?;
+        found.push(DenseCandidate {
+            output: node.output[0].clone(),
+            input: node.input[0].clone(),
+            initializer: node.input[1].clone(),
+            in_features: in_f,
+            out_features: out_f,
+            weight_out_in: transpose(&w, in_f, out_f),
+        });
+    }
+    Ok(found)
+}
 
 #[derive(Debug, Clone)]
 pub struct PackOptions {
@@ -43,6 +94,9 @@ pub struct PackOptions {
     pub alignment: u64,
     pub dense_fallback: bool,
     pub progress: bool,
+    /// Also store the dense linear layers (MatMul by a constant weight: attention projections,
+    /// LM head) as int8, computed by the int8 kernels.
+    pub dense_int8: bool,
 }
 
 impl Default for PackOptions {
@@ -53,6 +107,7 @@ impl Default for PackOptions {
             alignment: DEFAULT_ALIGN,
             dense_fallback: false,
             progress: false,
+            dense_int8: false,
         }
     }
 }
@@ -106,7 +161,31 @@ pub fn pack_model(src: &Path, out: &Path, opts: &PackOptions) -> Result<PackSumm
                 .collect::<Result<_>>()?,
         );
     }
+    let dense_layers = if opts.dense_int8 {
+        dense_candidates(&imported, &files.dir)?
+    } else {
+        vec![]
+    };
     let mut plan: Vec<Vec<Planned>> = vec![]; // groups placed at `alignment` boundaries
+    for (di, d) in dense_layers.iter().enumerate() {
+        let format = fmt(
+            &PackOptions {
+                experts: ExpertFormat::Int8,
+                ..opts.clone()
+            },
+            &d.weight_out_in,
+            d.in_features,
+        );
+        plan.push(vec![planned(
+            di as u32,
+            NO_EXPERT,
+            TensorKind::Dense,
+            format,
+            d.out_features,
+            d.in_features,
+            &d.weight_out_in,
+        )]);
+    }
     for (li, layer) in imported.layers.iter().enumerate() {
         let li = li as u32;
         let (h, e_count) = (layer.spec.hidden, layer.spec.experts);
@@ -253,7 +332,7 @@ pub fn pack_model(src: &Path, out: &Path, opts: &PackOptions) -> Result<PackSumm
     file.sync_all().map_err(Error::io(&expert_path))?;
 
     // 3. the graph, with each MoE node naming its manifest layer
-    write_graph(&imported, &files, out)?;
+    write_graph(&imported, &dense_layers, &files, out)?;
 
     // 4. manifest and companions
     let layers = imported
@@ -269,7 +348,9 @@ pub fn pack_model(src: &Path, out: &Path, opts: &PackOptions) -> Result<PackSumm
                 .unwrap_or_default(),
             expert_file_bytes: entries
                 .iter()
-                .filter(|e| e.layer == li as u32 && e.expert != NO_EXPERT)
+                .filter(|e| {
+                    e.layer == li as u32 && e.expert != NO_EXPERT && e.kind != TensorKind::Dense
+                })
                 .map(|e| e.length)
                 .sum(),
         })
@@ -284,6 +365,14 @@ pub fn pack_model(src: &Path, out: &Path, opts: &PackOptions) -> Result<PackSumm
         expert_file: EXPERT_FILE.into(),
         expert_cache_mb: None,
         layers,
+        dense: dense_layers
+            .iter()
+            .map(|d| DenseLayer {
+                name: d.initializer.clone(),
+                in_features: d.in_features,
+                out_features: d.out_features,
+            })
+            .collect(),
     };
     let manifest_path = out.join(MANIFEST_FILE);
     std::fs::write(
@@ -376,9 +465,41 @@ fn encode(values: &[f32], format: TensorFormat, rows: usize, cols: usize) -> Vec
 
 /// Writes the rewritten graph: MoE nodes carry `pack_layer`; dense weights that the source kept
 /// in external data go to the pack's own `model.onnx.data`.
-fn write_graph(imported: &ImportedModel, files: &ModelFiles, out: &Path) -> Result<()> {
+fn write_graph(
+    imported: &ImportedModel,
+    dense: &[DenseCandidate],
+    files: &ModelFiles,
+    out: &Path,
+) -> Result<()> {
     let mut proto = imported.proto.clone();
     let graph = proto.graph.as_mut().expect("imported graph");
+    for (di, d) in dense.iter().enumerate() {
+        let node = graph
+            .node
+            .iter_mut()
+            .find(|n| n.output.first() == Some(&d.output))
+            .expect("dense candidate node");
+        *node = tract_onnx::pb::NodeProto {
+            name: format!("moe_edge/dense{di}/linear_q8"),
+            op_type: LINEAR_OP_TYPE.into(),
+            domain: crate::onnx::MOE_OP_DOMAIN.into(),
+            input: vec![d.input.clone()],
+            output: vec![d.output.clone()],
+            attribute: vec![AttributeProto {
+                name: PACK_DENSE_ATTR.into(),
+                r#type: AttributeType::Int as i32,
+                i: di as i64,
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+    }
+    let moved: std::collections::HashSet<&str> =
+        dense.iter().map(|d| d.initializer.as_str()).collect();
+    graph
+        .initializer
+        .retain(|t| !moved.contains(t.name.as_str()));
+    graph.input.retain(|i| !moved.contains(i.name.as_str()));
     for node in graph.node.iter_mut().filter(|n| n.op_type == MOE_OP_TYPE) {
         let id = node
             .attribute
