@@ -20,4 +20,6 @@ pub fn configure(threads: Option<usize>) {
     };
     tract_linalg::multithread::set_default_executor(executor);
     log::info!("{n} worker thread(s)");
+    // choose the int8 kernels now, so that the log says which at start-up
+    crate::kernels::kernels();
 }

@@ -80,6 +80,8 @@ struct Report {
     peak_rss_bytes: Option<u64>,
     /// bytes read from storage (`/proc/self/io` read_bytes) per decoded token, during decode
     disk_read_bytes_per_token: Option<f64>,
+    /// bytes the expert cache loaded per decoded token, during decode (packed models)
+    expert_bytes_loaded_per_token: Option<f64>,
     cache: Option<serde_json::Value>,
 }
 
@@ -88,6 +90,7 @@ struct Run {
     prefill_tps: f64,
     decode_tps: f64,
     disk_read: Option<u64>,
+    expert_loaded: Option<u64>,
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
@@ -118,12 +121,16 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let mut next = sampler.sample(&logits, &[]);
         let ttft = t.elapsed().as_secs_f64();
         let io_before = procstats::io_read_bytes();
+        let loaded_before = model.cache.as_ref().map(|c| c.stats().bytes_loaded);
         let t = Instant::now();
         for _ in 1..args.gen_tokens {
             logits = session.feed(&[next])?;
             next = sampler.sample(&logits, &[]);
         }
         let decode_s = t.elapsed().as_secs_f64();
+        let expert_loaded = loaded_before
+            .zip(model.cache.as_ref().map(|c| c.stats().bytes_loaded))
+            .map(|(a, b)| b - a);
         let disk_read = io_before
             .zip(procstats::io_read_bytes())
             .map(|(a, b)| b.0 - a.0);
@@ -132,6 +139,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             prefill_tps: args.prompt_tokens as f64 / prefill_s,
             decode_tps: (args.gen_tokens - 1) as f64 / decode_s,
             disk_read,
+            expert_loaded,
         })
     };
     one_run()?; // warm-up
@@ -141,7 +149,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let ttft = Spread::of(runs.iter().map(|r| r.ttft).collect());
     let prefill = Spread::of(runs.iter().map(|r| r.prefill_tps).collect());
     let decode = Spread::of(runs.iter().map(|r| r.decode_tps).collect());
-    let disk: Vec<u64> = runs.iter().filter_map(|r| r.disk_read).collect();
+    let per_decoded_token = |v: Vec<u64>| {
+        (!v.is_empty())
+            .then(|| v.iter().sum::<u64>() as f64 / (v.len() * (args.gen_tokens - 1)) as f64)
+    };
+    let disk_read_bytes_per_token =
+        per_decoded_token(runs.iter().filter_map(|r| r.disk_read).collect());
+    let expert_bytes_loaded_per_token =
+        per_decoded_token(runs.iter().filter_map(|r| r.expert_loaded).collect());
     let report = Report {
         model: model.files.onnx.display().to_string(),
         mode: if args.model.literal {
@@ -165,8 +180,8 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         prefill,
         decode,
         peak_rss_bytes: procstats::peak_rss_bytes(),
-        disk_read_bytes_per_token: (!disk.is_empty())
-            .then(|| disk.iter().sum::<u64>() as f64 / (disk.len() * (args.gen_tokens - 1)) as f64),
+        disk_read_bytes_per_token,
+        expert_bytes_loaded_per_token,
         cache: model
             .cache
             .as_ref()
@@ -199,6 +214,12 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         if let Some(p) = report.peak_rss_bytes {
             println!("peak RSS   {:.1} MiB", p as f64 / (1 << 20) as f64);
+        }
+        if let Some(d) = report.expert_bytes_loaded_per_token {
+            println!(
+                "experts    {:.0} bytes loaded per decoded token (cache counters)",
+                d
+            );
         }
         if let Some(d) = report.disk_read_bytes_per_token {
             println!("disk read  {:.0} bytes per decoded token", d);
