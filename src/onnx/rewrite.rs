@@ -70,11 +70,14 @@ pub fn import_model(path: &Path, opts: DetectOptions) -> Result<ImportedModel> {
         path: path.to_path_buf(),
         reason,
     };
-    let bytes = std::fs::read(path).map_err(Error::io(path))?;
-    let mut proto = tract_onnx::onnx()
-        .proto_model_for_read(&mut bytes.as_slice())
-        .map_err(|e| load_err(format!("not a valid ONNX protobuf ({e:#})")))?;
-    drop(bytes);
+    let file = std::fs::File::open(path).map_err(Error::io(path))?;
+    // SAFETY: the mapping is read-only and only used to decode the protobuf, which copies what
+    // it keeps; it is dropped before this function returns. (A file truncated by another process
+    // while being decoded could fault; model files are not expected to change under a reader.)
+    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(Error::io(path))?;
+    let mut proto = <ModelProto as prost::Message>::decode(&map[..])
+        .map_err(|e| load_err(format!("not a valid ONNX protobuf ({e})")))?;
+    drop(map);
     let graph = proto
         .graph
         .as_ref()
