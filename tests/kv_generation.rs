@@ -92,3 +92,32 @@ fn plain_graph_generates_by_rerunning() {
         tokens.iter().copied().collect::<Vec<_>>()
     );
 }
+
+/// One forward pass over a batch with an empty past (the `logits` command on a KV-cache graph):
+/// the KV exports have the weights of the kit's plain exports, so torch's logits apply.
+#[test]
+fn kv_graphs_give_torch_logits_for_batches_with_empty_past() {
+    for arch in ARCHS {
+        for legacy in [false, true] {
+            let dir = fixtures().join("hf-moe-kv").join(arch);
+            let path = if legacy {
+                dir.join("legacy/model.onnx")
+            } else {
+                dir.join("model.onnx")
+            };
+            let model = Model::load(&path, LoadOptions::default()).unwrap();
+            for i in 0..5 {
+                let ids =
+                    read_npy::<i64>(&fixtures().join(format!("hf-moe/inputs/input_ids_{i}.npy")));
+                let (logits, _) = model
+                    .logits(ids.as_slice().unwrap(), ids.shape()[0])
+                    .unwrap();
+                let torch = read_npy::<f32>(
+                    &fixtures().join(format!("hf-moe/models/{arch}/torch_logits_{i}.npy")),
+                );
+                let diff = max_abs_diff(&logits, torch.as_slice().unwrap());
+                assert!(diff < TOL, "{arch} (legacy {legacy}) input {i}: {diff}");
+            }
+        }
+    }
+}
