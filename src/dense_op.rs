@@ -12,8 +12,7 @@ use tract_onnx::tract_hir::internal::*;
 
 use crate::kernels::kernels;
 use crate::kernels::q8::{Q8Activations, Q8Matrix};
-use crate::onnx::MOE_OP_DOMAIN;
-use crate::sparse_op::{lookup, Registered};
+use crate::sparse_op::{check_domain, f32_in_out_rules, lookup, Registered};
 
 /// Op type of the int8 dense node in packed graphs.
 pub const LINEAR_OP_TYPE: &str = "MoeEdgeLinearQ8";
@@ -96,14 +95,7 @@ fn build_from_onnx(
     _ctx: &tract_onnx::model::ParsingContext,
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    if node.domain != MOE_OP_DOMAIN {
-        bail!(
-            "node '{}': op {} of domain '{}' is not moe-edge's",
-            node.name,
-            node.op_type,
-            node.domain
-        );
-    }
+    check_domain(node)?;
     let Registered::Linear(linear) = lookup(node)? else {
         bail!(
             "node '{}': registered item is not an int8 linear layer",
@@ -139,10 +131,7 @@ impl Expansion for LinearExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 1)?;
-        check_output_arity(outputs, 1)?;
-        s.equals(&inputs[0].datum_type, f32::datum_type())?;
-        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        f32_in_out_rules(s, inputs, outputs)?;
         s.equals(&inputs[0].rank, &outputs[0].rank)?;
         let (inp, out) = (
             self.linear.in_features as i64,

@@ -27,6 +27,32 @@ fn registry() -> &'static Mutex<HashMap<i64, Registered>> {
     REGISTRY.get_or_init(Default::default)
 }
 
+/// Refuses a node that uses one of moe-edge's op types outside moe-edge's domain.
+pub(crate) fn check_domain(node: &NodeProto) -> TractResult<()> {
+    if node.domain != MOE_OP_DOMAIN {
+        bail!(
+            "node '{}': op {} of domain '{}' is not moe-edge's",
+            node.name,
+            node.op_type,
+            node.domain
+        );
+    }
+    Ok(())
+}
+
+/// Shape rules shared by moe-edge's ops: one f32 input, one f32 output.
+pub(crate) fn f32_in_out_rules<'r, 'p: 'r>(
+    s: &mut Solver<'r>,
+    inputs: &'p [TensorProxy],
+    outputs: &'p [TensorProxy],
+) -> InferenceResult {
+    check_input_arity(inputs, 1)?;
+    check_output_arity(outputs, 1)?;
+    s.equals(&inputs[0].datum_type, f32::datum_type())?;
+    s.equals(&outputs[0].datum_type, f32::datum_type())?;
+    Ok(())
+}
+
 /// The registered item behind `id`, for op builders.
 pub(crate) fn lookup(node: &NodeProto) -> TractResult<Registered> {
     let id: i64 = node.get_attr("moe_id")?;
@@ -89,14 +115,7 @@ fn build_from_onnx(
     _ctx: &tract_onnx::model::ParsingContext,
     node: &NodeProto,
 ) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
-    if node.domain != MOE_OP_DOMAIN {
-        bail!(
-            "node '{}': op {} of domain '{}' is not moe-edge's",
-            node.name,
-            node.op_type,
-            node.domain
-        );
-    }
+    check_domain(node)?;
     let Registered::Moe(layer) = lookup(node)? else {
         bail!("node '{}': registered item is not an MoE layer", node.name)
     };
@@ -126,10 +145,7 @@ impl Expansion for SparseMoeExpansion {
         inputs: &'p [TensorProxy],
         outputs: &'p [TensorProxy],
     ) -> InferenceResult {
-        check_input_arity(inputs, 1)?;
-        check_output_arity(outputs, 1)?;
-        s.equals(&inputs[0].datum_type, f32::datum_type())?;
-        s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        f32_in_out_rules(s, inputs, outputs)?;
         s.equals(&inputs[0].shape, &outputs[0].shape)?;
         Ok(())
     }
