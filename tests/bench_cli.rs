@@ -1,22 +1,19 @@
 //! The `bench` command's JSON report: its keys and their types (not timings).
 
-use std::process::Command;
-
 mod common;
-use common::assert_cache_keys;
+use common::{assert_cache_keys, moe_edge_cmd};
 
 #[test]
 fn bench_json_has_the_documented_keys() {
     let dir = std::env::temp_dir().join(format!("moe-edge-bench-{}", std::process::id()));
     let model = format!("{}/models/tiny-mixtral", env!("CARGO_MANIFEST_DIR"));
-    let bin = env!("CARGO_BIN_EXE_moe-edge");
-    assert!(Command::new(bin)
+    assert!(moe_edge_cmd()
         .args(["pack", &model, "-o", dir.to_str().unwrap()])
         .status()
         .unwrap()
         .success());
     for (m, packed) in [(model.as_str(), false), (dir.to_str().unwrap(), true)] {
-        let out = Command::new(bin)
+        let out = moe_edge_cmd()
             .args([
                 "--threads",
                 "2",

@@ -2,15 +2,12 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Output;
 
 use common::*;
 
 fn moe_edge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_moe-edge"))
-        .args(args)
-        .output()
-        .expect("run moe-edge")
+    moe_edge_cmd().args(args).output().expect("run moe-edge")
 }
 
 fn tiny_model() -> String {

@@ -382,7 +382,7 @@ fn flipped_byte_inside_an_expert_is_caught_at_load_and_by_verify() {
 #[test]
 fn pack_cli_writes_a_model_that_generates() {
     let out = scratch("cli");
-    let status = std::process::Command::new(env!("CARGO_BIN_EXE_moe-edge"))
+    let status = moe_edge_cmd()
         .args([
             "pack",
             &format!("{}/models/tiny-mixtral", env!("CARGO_MANIFEST_DIR")),
@@ -394,7 +394,7 @@ fn pack_cli_writes_a_model_that_generates() {
         .status()
         .unwrap();
     assert!(status.success());
-    let gen = std::process::Command::new(env!("CARGO_BIN_EXE_moe-edge"))
+    let gen = moe_edge_cmd()
         .args([
             "generate",
             "-m",

@@ -66,3 +66,18 @@ pub fn assert_cache_keys(cache: &serde_json::Value) {
         );
     }
 }
+
+/// A command running the `moe-edge` binary; under emulation (no binfmt_misc), the runner named
+/// by `MOE_EDGE_TEST_RUNNER` (e.g. `qemu-aarch64 -L /usr/aarch64-linux-gnu`) is put in front.
+pub fn moe_edge_cmd() -> std::process::Command {
+    let bin = env!("CARGO_BIN_EXE_moe-edge");
+    match std::env::var("MOE_EDGE_TEST_RUNNER") {
+        Ok(runner) if !runner.trim().is_empty() => {
+            let mut parts = runner.split_whitespace();
+            let mut c = std::process::Command::new(parts.next().unwrap());
+            c.args(parts).arg(bin);
+            c
+        }
+        _ => std::process::Command::new(bin),
+    }
+}
