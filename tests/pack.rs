@@ -420,3 +420,43 @@ fn pack_cli_writes_a_model_that_generates() {
     assert_eq!(j["cache"]["budget_bytes"], 1 << 20);
     std::fs::remove_dir_all(&out).ok();
 }
+
+/// Two sessions generating at once on one packed model share its cache; with the smallest budget
+/// they wait for each other's experts and still give the tokens each gives alone.
+#[test]
+fn concurrent_sessions_share_a_tiny_cache() {
+    let dir = pack(
+        &fixtures().join("hf-moe-kv/qwen2_moe/model.onnx"),
+        "concurrent",
+        ExpertFormat::Int8,
+    );
+    let model = Model::load(
+        &dir,
+        LoadOptions {
+            expert_cache_mb: Some(0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let reference = fixtures().join("hf-moe-kv/qwen2_moe/reference.npz");
+    let prompts: Vec<Vec<i64>> = (0..3)
+        .map(|p| {
+            read_npz::<i64>(&reference, &format!("prompt_{p}"))
+                .iter()
+                .copied()
+                .collect()
+        })
+        .collect();
+    let alone: Vec<Vec<i64>> = prompts.iter().map(|p| greedy(&model, p, 12)).collect();
+    let together: Vec<Vec<i64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| s.spawn(|| greedy(&model, p, 12)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(alone, together);
+    let stats = model.cache.as_ref().unwrap().stats();
+    assert!(stats.peak_resident_bytes <= stats.budget_bytes);
+    std::fs::remove_dir_all(&dir).ok();
+}
