@@ -7,14 +7,19 @@ use common::*;
 use moe_edge::sampling::argmax;
 use moe_edge::{LoadOptions, Model, Session};
 
-fn check_kv(arch: &str, legacy: bool) {
+/// The HF-exporter or legacy KV-cache export of `arch`.
+fn kv_export(arch: &str, legacy: bool) -> std::path::PathBuf {
     let dir = fixtures().join("hf-moe-kv").join(arch);
-    let path = if legacy {
+    if legacy {
         dir.join("legacy/model.onnx")
     } else {
         dir.join("model.onnx")
-    };
-    let model = Model::load(&path, LoadOptions::default()).unwrap();
+    }
+}
+
+fn check_kv(arch: &str, legacy: bool) {
+    let dir = fixtures().join("hf-moe-kv").join(arch);
+    let model = Model::load(&kv_export(arch, legacy), LoadOptions::default()).unwrap();
     assert!(model.has_kv_cache(), "{arch}: KV-cache interface detected");
     assert_eq!(model.imported.blocks.len(), 2);
     let plan = model.plan(1).unwrap();
@@ -99,13 +104,7 @@ fn plain_graph_generates_by_rerunning() {
 fn kv_graphs_give_torch_logits_for_batches_with_empty_past() {
     for arch in ARCHS {
         for legacy in [false, true] {
-            let dir = fixtures().join("hf-moe-kv").join(arch);
-            let path = if legacy {
-                dir.join("legacy/model.onnx")
-            } else {
-                dir.join("model.onnx")
-            };
-            let model = Model::load(&path, LoadOptions::default()).unwrap();
+            let model = Model::load(&kv_export(arch, legacy), LoadOptions::default()).unwrap();
             for i in 0..5 {
                 let ids =
                     read_npy::<i64>(&fixtures().join(format!("hf-moe/inputs/input_ids_{i}.npy")));

@@ -157,20 +157,50 @@ pub fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack> {
         path: graph_path.clone(),
         reason: "no graph".into(),
     })?;
-    let mut seen = vec![false; layers.len()];
-    for node in graph.node.iter_mut().filter(|n| n.op_type == MOE_OP_TYPE) {
+    point_nodes_at(graph, MOE_OP_TYPE, writer::PACK_LAYER_ATTR, &ids, "layer")?;
+    point_nodes_at(
+        graph,
+        LINEAR_OP_TYPE,
+        writer::PACK_DENSE_ATTR,
+        &dense_ids,
+        "dense layer",
+    )?;
+    let imported = ImportedModel::from_parts(graph_path, proto, layers, ids, registration);
+    Ok(OpenedPack {
+        imported,
+        manifest,
+        cache,
+    })
+}
+
+/// Replaces the manifest index in attribute `attr` of every `op_type` node by the registry id of
+/// that item (`moe_id`); every item must have exactly its node.
+fn point_nodes_at(
+    graph: &mut tract_onnx::pb::GraphProto,
+    op_type: &str,
+    attr: &str,
+    ids: &[i64],
+    what: &str,
+) -> Result<()> {
+    let mut seen = vec![false; ids.len()];
+    for node in graph.node.iter_mut().filter(|n| n.op_type == op_type) {
         let index = node
             .attribute
             .iter()
-            .find(|a| a.name == writer::PACK_LAYER_ATTR)
-            .map(|a| a.i as usize);
-        let index = index.filter(|&i| i < layers.len()).ok_or_else(|| {
+            .find(|a| a.name == attr)
+            .map(|a| a.i)
+            .filter(|&i| i >= 0 && (i as usize) < ids.len());
+        let index = index.ok_or_else(|| {
             Error::CorruptPack(format!(
-                "node '{}' names no layer of the manifest",
+                "node '{}' names no {what} of the manifest",
                 node.name
             ))
-        })?;
-        seen[index] = true;
+        })? as usize;
+        if std::mem::replace(&mut seen[index], true) {
+            return Err(Error::CorruptPack(format!(
+                "manifest {what} {index} has two nodes in the graph"
+            )));
+        }
         node.attribute = vec![AttributeProto {
             name: "moe_id".into(),
             r#type: AttributeType::Int as i32,
@@ -178,47 +208,12 @@ pub fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack> {
             ..Default::default()
         }];
     }
-    let mut dense_seen = vec![false; dense_ids.len()];
-    for node in graph
-        .node
-        .iter_mut()
-        .filter(|n| n.op_type == LINEAR_OP_TYPE)
-    {
-        let index = node
-            .attribute
-            .iter()
-            .find(|a| a.name == writer::PACK_DENSE_ATTR)
-            .map(|a| a.i as usize);
-        let index = index.filter(|&i| i < dense_ids.len()).ok_or_else(|| {
-            Error::CorruptPack(format!(
-                "node '{}' names no dense layer of the manifest",
-                node.name
-            ))
-        })?;
-        dense_seen[index] = true;
-        node.attribute = vec![AttributeProto {
-            name: "moe_id".into(),
-            r#type: AttributeType::Int as i32,
-            i: dense_ids[index],
-            ..Default::default()
-        }];
+    match seen.iter().position(|s| !s) {
+        Some(missing) => Err(Error::CorruptPack(format!(
+            "manifest {what} {missing} has no node in the graph"
+        ))),
+        None => Ok(()),
     }
-    if let Some(missing) = dense_seen.iter().position(|s| !s) {
-        return Err(Error::CorruptPack(format!(
-            "manifest dense layer {missing} has no node in the graph"
-        )));
-    }
-    if let Some(missing) = seen.iter().position(|s| !s) {
-        return Err(Error::CorruptPack(format!(
-            "manifest layer {missing} has no node in the graph"
-        )));
-    }
-    let imported = ImportedModel::from_parts(graph_path, proto, layers, ids, registration);
-    Ok(OpenedPack {
-        imported,
-        manifest,
-        cache,
-    })
 }
 
 /// Bytes an entry takes once loaded (int8 values and f32 scales; f16 and f32 as f32).
