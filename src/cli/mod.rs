@@ -18,7 +18,7 @@ pub struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
-    /// Worker threads for the MoE experts (default: all cores).
+    /// Worker threads for the experts and the matrix products (default: all cores).
     #[arg(long, global = true, env = "MOE_EDGE_THREADS")]
     pub threads: Option<usize>,
     #[command(subcommand)]
