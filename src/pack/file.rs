@@ -86,6 +86,20 @@ impl PackFile {
             entries.push(e);
         }
         drop(map);
+        #[cfg(target_os = "linux")]
+        {
+            // experts are read whole, each with one pread: kernel readahead past them would only
+            // fill the page cache with bytes nobody asked for (a hint: failure only warns)
+            // SAFETY: posix_fadvise only reads its integer arguments; `file` is open.
+            let rc =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+            if rc != 0 {
+                log::warn!(
+                    "posix_fadvise(RANDOM) failed on {}: error {rc}",
+                    path.display()
+                );
+            }
+        }
         Ok(PackFile {
             path: path.to_path_buf(),
             file,
