@@ -34,6 +34,9 @@ unsafe fn smmla(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
 }
 
 /// The 64-bit halves `(lo(p), lo(q))` and `(hi(p), hi(q))` of two 16-byte rows.
+///
+/// # Safety
+/// NEON required.
 #[inline]
 #[target_feature(enable = "neon")]
 unsafe fn pair_halves(p: int8x16_t, q: int8x16_t) -> (int8x16_t, int8x16_t) {

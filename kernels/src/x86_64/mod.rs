@@ -20,6 +20,9 @@ macro_rules! x86_kernels {
         use crate::BLOCK;
 
         /// Sum of the eight i32 lanes.
+        ///
+        /// # Safety
+        /// AVX2 required.
         #[inline]
         #[target_feature(enable = "avx2")]
         unsafe fn hsum_i32(v: __m256i) -> i32 {
@@ -30,6 +33,9 @@ macro_rules! x86_kernels {
         }
 
         /// Sum of the eight f32 lanes.
+        ///
+        /// # Safety
+        /// AVX2 required.
         #[inline]
         #[target_feature(enable = "avx2")]
         unsafe fn hsum_f32(v: __m256) -> f32 {
@@ -83,6 +89,9 @@ macro_rules! x86_kernels {
         }
 
         /// `|a|` as unsigned bytes and `b` with the sign of `a`, from one block.
+        ///
+        /// # Safety
+        /// AVX2 required; `a` and `b` point to 32 readable bytes.
         #[inline]
         #[target_feature(enable = "avx2")]
         unsafe fn load_sign_split(a: *const i8, b: *const i8) -> (__m256i, __m256i) {
