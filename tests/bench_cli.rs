@@ -1,7 +1,7 @@
 //! The `bench` command's JSON report: its keys and their types (not timings).
 
 mod common;
-use common::{assert_cache_keys, moe_edge_cmd};
+use common::{assert_cache_keys, json_output, moe_edge_cmd};
 
 #[test]
 fn bench_json_has_the_documented_keys() {
@@ -13,31 +13,22 @@ fn bench_json_has_the_documented_keys() {
         .unwrap()
         .success());
     for (m, packed) in [(model.as_str(), false), (dir.to_str().unwrap(), true)] {
-        let out = moe_edge_cmd()
-            .args([
-                "--threads",
-                "2",
-                "bench",
-                "-m",
-                m,
-                "--prompt-tokens",
-                "8",
-                "--gen-tokens",
-                "4",
-                "--repeat",
-                "2",
-                "--json",
-                "--expert-cache-mb",
-                "1",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let j = json_output(moe_edge_cmd().args([
+            "--threads",
+            "2",
+            "bench",
+            "-m",
+            m,
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "4",
+            "--repeat",
+            "2",
+            "--json",
+            "--expert-cache-mb",
+            "1",
+        ]));
         for key in [
             "load_s",
             "ttft_s",

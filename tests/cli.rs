@@ -28,7 +28,7 @@ fn generate_json_gives_torchs_greedy_tokens() {
     let prompt = read_npz::<i64>(&reference, "prompt_2");
     let tokens = read_npz::<i64>(&reference, "tokens_2");
     let ids: Vec<String> = prompt.iter().map(|v| v.to_string()).collect();
-    let out = moe_edge(&[
+    let j = json_output(moe_edge_cmd().args([
         "generate",
         "-m",
         &tiny_model(),
@@ -39,13 +39,7 @@ fn generate_json_gives_torchs_greedy_tokens() {
         "--greedy",
         "--ignore-eos",
         "--json",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    ]));
     for key in [
         "prompt_ids",
         "generated_ids",
@@ -133,9 +127,7 @@ fn logits_command_matches_torch_on_a_batch() {
 
 #[test]
 fn inspect_reports_blocks() {
-    let out = moe_edge(&["inspect", "-m", &tiny_model(), "--json"]);
-    assert!(out.status.success());
-    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let j = json_output(moe_edge_cmd().args(["inspect", "-m", &tiny_model(), "--json"]));
     let blocks = j["blocks"].as_array().unwrap();
     assert_eq!(blocks.len(), 2);
     assert_eq!(blocks[1]["layer"], 1);

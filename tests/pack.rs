@@ -394,28 +394,19 @@ fn pack_cli_writes_a_model_that_generates() {
         .status()
         .unwrap();
     assert!(status.success());
-    let gen = moe_edge_cmd()
-        .args([
-            "generate",
-            "-m",
-            out.to_str().unwrap(),
-            "--prompt",
-            "t10 t20",
-            "--max-tokens",
-            "8",
-            "--json",
-            "--verify",
-            "--expert-cache-mb",
-            "1",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        gen.status.success(),
-        "{}",
-        String::from_utf8_lossy(&gen.stderr)
-    );
-    let j: serde_json::Value = serde_json::from_slice(&gen.stdout).unwrap();
+    let j = json_output(moe_edge_cmd().args([
+        "generate",
+        "-m",
+        out.to_str().unwrap(),
+        "--prompt",
+        "t10 t20",
+        "--max-tokens",
+        "8",
+        "--json",
+        "--verify",
+        "--expert-cache-mb",
+        "1",
+    ]));
     assert_cache_keys(&j["cache"]);
     assert_eq!(j["cache"]["budget_bytes"], 1 << 20);
     std::fs::remove_dir_all(&out).ok();

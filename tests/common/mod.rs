@@ -81,3 +81,15 @@ pub fn moe_edge_cmd() -> std::process::Command {
         _ => std::process::Command::new(bin),
     }
 }
+
+/// Runs `cmd`, asserts it succeeded (showing its stderr if not) and parses its stdout as JSON.
+pub fn json_output(cmd: &mut std::process::Command) -> serde_json::Value {
+    let out = cmd.output().expect("run moe-edge");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
