@@ -21,8 +21,8 @@ for cpu in cortex-a72 cortex-a76 max; do
     MOE_EDGE_REQUIRE_ISAS=${REQUIRED[$cpu]} cargo test --locked --target "$TARGET"
   else
     MOE_EDGE_REQUIRE_ISAS=${REQUIRED[$cpu]} cargo test --locked --target "$TARGET" -p moe-edge-kernels
-    cargo test --locked --target "$TARGET" --test kv_generation mixtral_hf_exporter
-    cargo test --locked --target "$TARGET" --test pack smallest_cache_budget_gives_the_same_tokens
+    cargo test --locked --target "$TARGET" -p moe-edge-engine --lib session::tests::mixtral_hf_exporter
+    cargo test --locked --target "$TARGET" -p moe-edge-engine --lib pack::tests::smallest_cache_budget_gives_the_same_tokens
   fi
   log=$(qemu-aarch64 -L /usr/aarch64-linux-gnu target/$TARGET/debug/moe-edge -v info 2>&1)
   echo "$log" | grep -E "int8 kernels"

@@ -1,6 +1,7 @@
 //! The `moe-edge` command-line tool.
 
 mod cli;
+mod procstats;
 
 use clap::Parser;
 

@@ -7,6 +7,7 @@ pub fn peak_rss_bytes() -> Option<u64> {
 }
 
 /// Current resident set size (`VmRSS`), in bytes.
+#[cfg(test)]
 pub fn rss_bytes() -> Option<u64> {
     status_kib("VmRSS:").map(|k| k * 1024)
 }

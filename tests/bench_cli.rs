@@ -1,12 +1,12 @@
 //! The `bench` command's JSON report: its keys and their types (not timings).
 
 mod common;
-use common::{assert_cache_keys, json_output, moe_edge_cmd};
+use common::{assert_cache_keys, json_output, moe_edge_cmd, tiny_model};
 
 #[test]
 fn bench_json_has_the_documented_keys() {
     let dir = std::env::temp_dir().join(format!("moe-edge-bench-{}", std::process::id()));
-    let model = format!("{}/models/tiny-mixtral", env!("CARGO_MANIFEST_DIR"));
+    let model = tiny_model().display().to_string();
     assert!(moe_edge_cmd()
         .args(["pack", &model, "-o", dir.to_str().unwrap()])
         .status()

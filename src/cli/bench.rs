@@ -3,10 +3,9 @@
 
 use std::time::Instant;
 
+use crate::procstats;
 use clap::Args;
-use moe_edge::procstats;
-use moe_edge::sampling::{Sampler, SamplingParams};
-use moe_edge::Session;
+use moe_edge_engine::{Sampler, SamplingParams, Session};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -100,9 +99,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let t0 = Instant::now();
     let model = args.model.load()?;
-    model.plan(1)?;
-    let load_s = t0.elapsed().as_secs_f64();
+    // the first session builds the plan: part of loading
     let vocab = Session::new(&model)?.feed(&[1])?.len() as i64;
+    let load_s = t0.elapsed().as_secs_f64();
     let mut rng = StdRng::seed_from_u64(1234);
     let prompt: Vec<i64> = (0..args.prompt_tokens)
         .map(|_| rng.random_range(3.min(vocab - 1)..vocab))
@@ -121,7 +120,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         let mut next = sampler.sample(&logits, &[]);
         let ttft = t.elapsed().as_secs_f64();
         let io_before = procstats::io_read_bytes();
-        let loaded_before = model.cache.as_ref().map(|c| c.stats().bytes_loaded);
+        let loaded_before = model.cache_stats().map(|c| c.bytes_loaded);
         let t = Instant::now();
         for _ in 1..args.gen_tokens {
             logits = session.feed(&[next])?;
@@ -129,7 +128,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         }
         let decode_s = t.elapsed().as_secs_f64();
         let expert_loaded = loaded_before
-            .zip(model.cache.as_ref().map(|c| c.stats().bytes_loaded))
+            .zip(model.cache_stats().map(|c| c.bytes_loaded))
             .map(|(a, b)| b - a);
         let disk_read = io_before
             .zip(procstats::io_read_bytes())
@@ -158,20 +157,20 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let expert_bytes_loaded_per_token =
         per_decoded_token(runs.iter().filter_map(|r| r.expert_loaded).collect());
     let report = Report {
-        model: model.files.onnx.display().to_string(),
+        model: model.path().display().to_string(),
         mode: if args.model.literal {
             "literal"
         } else {
             "sparse"
         },
-        moe_layers: model.imported.layers.len(),
+        moe_layers: model.blocks().len(),
         kv_cache: model.has_kv_cache(),
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
         temperature: args.temperature,
         repeat: args.repeat,
         threads: rayon::current_num_threads(),
-        isa: moe_edge::kernels::kernels().isa.name(),
+        isa: moe_edge_engine::kernels::kernels().isa.name(),
         load_s,
         ttft_s: ttft.median,
         prefill_tokens_per_s: prefill.median,
@@ -182,11 +181,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         peak_rss_bytes: procstats::peak_rss_bytes(),
         disk_read_bytes_per_token,
         expert_bytes_loaded_per_token,
-        cache: model
-            .cache
-            .as_ref()
-            .map(|c| serde_json::to_value(c.stats()))
-            .transpose()?,
+        cache: model.cache_stats().map(serde_json::to_value).transpose()?,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -4,8 +4,7 @@ use std::io::Write;
 
 use anyhow::Context;
 use clap::Args;
-use moe_edge::text::{StreamDecoder, TextCodec};
-use moe_edge::{GenerateParams, SamplingParams};
+use moe_edge_engine::{Flow, GenerateParams, Generator, SamplingParams};
 use serde_json::json;
 
 use super::ModelArgs;
@@ -43,6 +42,9 @@ pub struct GenerateArgs {
     /// Keep going past the model's end-of-sequence token.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Stop when the text produces this string (not printed); may be given several times.
+    #[arg(long, value_name = "TEXT")]
+    pub stop: Vec<String>,
     /// Print one JSON object at the end instead of streaming text.
     #[arg(long)]
     pub json: bool,
@@ -53,14 +55,10 @@ pub struct GenerateArgs {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
-    let codec = match model.files.companion("tokenizer.json") {
-        Some(p) => Some(TextCodec::from_file(&p)?),
-        None => None,
-    };
     let prompt_ids = match (&args.prompt, &args.prompt_ids) {
         (_, Some(ids)) => ids.clone(),
-        (Some(text), None) => codec
-            .as_ref()
+        (Some(text), None) => model
+            .tokenizer()
             .context("--prompt needs the model's tokenizer.json (next to model.onnx); or pass --prompt-ids")?
             .encode(text)?,
         (None, None) => anyhow::bail!("give --prompt or --prompt-ids"),
@@ -88,39 +86,37 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         stop_tokens: if args.ignore_eos {
             vec![]
         } else {
-            model.config.eos_token_ids.clone()
+            model.config().eos_token_ids.clone()
         },
+        stop_strings: args.stop.clone(),
     };
-    let mut stream = codec.as_ref().map(StreamDecoder::new);
+    let mut generator = Generator::new(&model, params)?;
     let mut stdout = std::io::stdout().lock();
     let streaming = !args.json;
-    let result = moe_edge::generate(&model, &prompt_ids, &params, |id| {
-        if !streaming {
-            return;
+    let with_text = model.tokenizer().is_some();
+    let result = generator.generate(&prompt_ids, |step| {
+        if streaming {
+            let _ = if with_text {
+                write!(stdout, "{}", step.text)
+            } else {
+                write!(stdout, "{} ", step.token)
+            };
+            let _ = stdout.flush();
         }
-        let piece = match stream.as_mut() {
-            Some(s) => s.push(id).unwrap_or_default(),
-            None => format!("{id} "),
-        };
-        let _ = write!(stdout, "{piece}");
-        let _ = stdout.flush();
+        Flow::Continue
     })?;
-    let text = match &codec {
-        Some(c) => c.decode(&result.generated_ids)?,
-        None => String::new(),
-    };
     if args.json {
         let out = json!({
             "prompt_ids": result.prompt_ids,
             "generated_ids": result.generated_ids,
-            "text": text,
+            "text": result.text,
             "stop_reason": result.stop_reason,
             "prefill_tokens_per_s": result.prefill_tokens_per_s(),
             "decode_tokens_per_s": result.decode_tokens_per_s(),
             "prefill_seconds": result.prefill_seconds,
             "decode_seconds": result.decode_seconds,
-            "moe_layers": model.imported.layers.len(),
-            "cache": model.cache.as_ref().map(|c| c.stats()),
+            "moe_layers": model.blocks().len(),
+            "cache": model.cache_stats(),
         });
         println!("{}", serde_json::to_string(&out)?);
     } else {

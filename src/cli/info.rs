@@ -1,6 +1,6 @@
 //! `moe-edge info`: the CPU's instruction sets, the kernels chosen, threads.
 
-use moe_edge::kernels::{available, dispatch::ALL, kernels};
+use moe_edge_engine::kernels::{available, dispatch::ALL, kernels};
 
 pub fn run() -> anyhow::Result<()> {
     println!("moe-edge {}", env!("CARGO_PKG_VERSION"));

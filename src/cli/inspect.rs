@@ -14,45 +14,14 @@ pub struct InspectArgs {
     pub json: bool,
 }
 
-/// One MoE layer as reported: its spec and the form it was found in.
-struct Row<'a> {
-    spec: &'a moe_edge::moe::MoeSpec,
-    form: String,
-    node: String,
-}
-
-fn rows(model: &moe_edge::Model) -> Vec<Row<'_>> {
-    let imported = &model.imported;
-    imported
-        .layers
-        .iter()
-        .enumerate()
-        .map(|(i, l)| {
-            let (form, node) = match (imported.blocks.get(i), &model.manifest) {
-                (Some(b), _) => (b.form.to_string(), b.anchor.clone()),
-                (None, Some(m)) => (
-                    format!("packed {:?}, from {}", m.experts, m.layers[i].form),
-                    String::new(),
-                ),
-                (None, None) => (String::new(), String::new()),
-            };
-            Row {
-                spec: &l.spec,
-                form,
-                node,
-            }
-        })
-        .collect()
-}
-
 pub fn run(args: InspectArgs) -> anyhow::Result<()> {
     let model = args.model.load()?;
-    let imported = &model.imported;
     if args.json {
-        let blocks: Vec<_> = rows(&model)
+        let blocks: Vec<_> = model
+            .blocks()
             .iter()
             .map(|r| {
-                let s = r.spec;
+                let s = &r.spec;
                 json!({
                     "layer": s.layer, "form": r.form, "node": r.node, "experts": s.experts,
                     "top_k": s.top_k, "routing": s.routing.to_string(), "activation": s.activation.to_string(),
@@ -62,20 +31,20 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             })
             .collect();
         let out = json!({
-            "model": model.files.onnx, "kv_cache": model.has_kv_cache(), "blocks": blocks,
-            "dense_fallback": imported.fallbacks, "removed_initializers": imported.removed_initializers.len(),
-            "pack": model.manifest.as_ref().map(|m| json!({"experts": m.experts, "alignment": m.alignment, "source": m.source})),
+            "model": model.path(), "kv_cache": model.has_kv_cache(), "blocks": blocks,
+            "dense_fallback": model.fallbacks(), "removed_initializers": model.removed_initializers(),
+            "pack": model.manifest().map(|m| json!({"experts": m.experts, "alignment": m.alignment, "source": m.source})),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    println!("model: {}", model.files.onnx.display());
-    println!("interface: {:?}", model.interface);
-    if imported.layers.is_empty() && imported.fallbacks.is_empty() {
+    println!("model: {}", model.path().display());
+    println!("interface: {:?}", model.interface());
+    if model.blocks().is_empty() && model.fallbacks().is_empty() {
         println!("no MoE block found: the graph runs as a plain tract model");
     }
-    for r in rows(&model) {
-        let s = r.spec;
+    for r in model.blocks() {
+        let s = &r.spec;
         println!(
             "layer {:>3}  {}  experts {}  top-{}  routing {}  activation {}  hidden {}  ffn {}  shared expert {}  expert bytes {} (f32){}",
             s.layer,
@@ -91,21 +60,21 @@ pub fn run(args: InspectArgs) -> anyhow::Result<()> {
             if r.node.is_empty() { String::new() } else { format!("  [node {}]", r.node) }
         );
     }
-    for f in &imported.fallbacks {
+    for f in model.fallbacks() {
         println!(
             "layer {:?}  NOT UNDERSTOOD, runs literally in tract (--dense-fallback): {} [node {}]",
             f.layer, f.reason, f.node
         );
     }
-    if let Some(c) = &model.cache {
+    if let Some(c) = model.cache_stats() {
         println!(
             "expert cache budget: {:.1} MiB",
-            c.budget() as f64 / 1048576.0
+            c.budget_bytes as f64 / 1048576.0
         );
     } else {
         println!(
             "{} initializers removed from the graph (expert weights now in the expert store)",
-            imported.removed_initializers.len()
+            model.removed_initializers()
         );
     }
     Ok(())

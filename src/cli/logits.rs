@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
-use tract_onnx::tract_core::ndarray::{ArrayD, IxDyn};
+use ndarray::{ArrayD, IxDyn};
 
 use super::ModelArgs;
 

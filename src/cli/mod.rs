@@ -61,20 +61,39 @@ pub struct ModelArgs {
     #[arg(long)]
     pub verify: bool,
     /// Which expert the cache evicts on a miss.
-    #[arg(long, value_enum, default_value_t = moe_edge::pack::EvictionPolicy::LayerCycle)]
-    pub cache_policy: moe_edge::pack::EvictionPolicy,
+    #[arg(long, value_enum, default_value_t = CachePolicy::LayerCycle)]
+    pub cache_policy: CachePolicy,
 }
 
 impl ModelArgs {
-    pub fn load(&self) -> anyhow::Result<moe_edge::Model> {
-        let opts = moe_edge::LoadOptions {
+    pub fn load(&self) -> anyhow::Result<moe_edge_engine::Model> {
+        let opts = moe_edge_engine::LoadOptions {
             dense_fallback: self.dense_fallback,
             literal: self.literal,
             expert_cache_mb: self.expert_cache_mb,
             verify: self.verify,
-            cache_policy: self.cache_policy,
+            cache_policy: self.cache_policy.into(),
         };
-        Ok(moe_edge::Model::load(&self.model, opts)?)
+        Ok(moe_edge_engine::Model::load(&self.model, opts)?)
+    }
+}
+
+/// Which expert the cache evicts on a miss.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CachePolicy {
+    /// Least recently used first.
+    Lru,
+    /// Evict from the layer whose next turn is furthest away (layers run in a cycle, once per
+    /// token), least recently used first within it.
+    LayerCycle,
+}
+
+impl From<CachePolicy> for moe_edge_engine::pack::EvictionPolicy {
+    fn from(p: CachePolicy) -> Self {
+        match p {
+            CachePolicy::Lru => Self::Lru,
+            CachePolicy::LayerCycle => Self::LayerCycle,
+        }
     }
 }
 
@@ -90,12 +109,11 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Expert cache statistics on stderr (packed models).
-pub fn print_cache_stats(model: &moe_edge::Model) {
-    let Some(cache) = &model.cache else {
+pub fn print_cache_stats(model: &moe_edge_engine::Model) {
+    let Some(s) = model.cache_stats() else {
         eprintln!("expert cache: none (experts are held in memory; pack the model to use a cache)");
         return;
     };
-    let s = cache.stats();
     let mib = |b: u64| b as f64 / 1048576.0;
     eprintln!(
         "expert cache: {} hits, {} misses ({:.1}% hits), {:.1} MiB loaded, {} evictions, peak {:.1} MiB of {:.1} MiB budget",

@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use clap::Args;
-use moe_edge::kernels::q8::ScaleType;
-use moe_edge::pack::{pack_model, ExpertFormat, PackOptions};
+use moe_edge_engine::kernels::q8::ScaleType;
+use moe_edge_engine::pack::{pack_model_with_progress, ExpertFormat, PackOptions};
 
 #[derive(Debug, Args)]
 pub struct PackArgs {
@@ -14,14 +14,14 @@ pub struct PackArgs {
     #[arg(short, long)]
     pub output: PathBuf,
     /// How experts are stored.
-    #[arg(long, value_enum, default_value_t = ExpertFormat::Int8)]
-    pub experts: ExpertFormat,
+    #[arg(long, value_enum, default_value_t = Experts::Int8)]
+    pub experts: Experts,
     /// Block scales of int8 experts (f16 loses no measurable accuracy and saves 6% of the bytes).
     #[arg(long, value_enum, default_value_t = Scales::F16)]
     pub int8_scales: Scales,
     /// Alignment of each expert in the expert file, in bytes (a power of two; the default suits
     /// 4, 16 and 64 KiB page kernels).
-    #[arg(long, default_value_t = moe_edge::pack::writer::DEFAULT_ALIGN)]
+    #[arg(long, default_value_t = moe_edge_engine::pack::DEFAULT_ALIGN)]
     pub align: u64,
     /// How to store the dense linear layers (attention projections, LM head): f32 keeps them in
     /// the graph (tract computes them), int8 quantises them like the experts.
@@ -30,6 +30,24 @@ pub struct PackArgs {
     /// Pack even if some MoE blocks are not understood (they stay dense in the graph).
     #[arg(long)]
     pub dense_fallback: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Experts {
+    /// int8 blocks of 32 with f16 scales (f32 scales for matrices f16 cannot scale)
+    Int8,
+    F16,
+    F32,
+}
+
+impl From<Experts> for ExpertFormat {
+    fn from(e: Experts) -> Self {
+        match e {
+            Experts::Int8 => ExpertFormat::Int8,
+            Experts::F16 => ExpertFormat::F16,
+            Experts::F32 => ExpertFormat::F32,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -50,15 +68,27 @@ pub fn run(args: PackArgs) -> anyhow::Result<()> {
         Scales::F32 => ScaleType::F32,
     };
     let opts = PackOptions {
-        experts: args.experts,
+        experts: args.experts.into(),
         int8_scales,
         alignment: args.align,
         dense_fallback: args.dense_fallback,
-        progress: true,
         dense_int8: args.dense == DenseFormat::Int8,
     };
     let started = std::time::Instant::now();
-    let s = pack_model(&args.model, &args.output, &opts)?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{msg} [{bar:40}] {pos}/{len} tensor groups, {eta} left",
+        )?
+        .progress_chars("=> "),
+    );
+    bar.set_message("packing experts");
+    let s = pack_model_with_progress(&args.model, &args.output, &opts, &mut |done, total| {
+        bar.set_length(total as u64);
+        bar.set_position(done as u64);
+    });
+    bar.finish_and_clear();
+    let s = s?;
     println!(
         "packed {} experts of {} MoE layers as {:?} into {} ({:.1} MiB expert file) in {:.1}s",
         s.experts,

@@ -1,54 +1,10 @@
-//! Shared helpers of the integration tests: fixture paths and array I/O.
-//!
-//! Fixtures under `tests/fixtures/` are copies of the HF-MoE kits (real ONNX exports of tiny
-//! random-weight MoE models, with PyTorch ground truth); see `tests/fixtures/README.md`.
+//! Helpers of the command-line tests: the fixtures (shared with the engine's tests) and running
+//! the `moe-edge` binary.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+mod fixtures;
 
-use ndarray_npy::{NpzReader, ReadNpyExt};
-use tract_onnx::tract_core::ndarray::ArrayD;
-
-/// The five architectures whose R1 exports moe-edge supports.
-pub const ARCHS: [&str; 5] = ["mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "granitemoe"];
-
-/// Acceptance bound against torch fp32 (onnxruntime itself is within 2.2e-6).
-pub const TOL: f32 = 1e-4;
-
-pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("fixtures")
-}
-
-pub fn read_npy<T: ndarray_npy::ReadableElement>(path: &std::path::Path) -> ArrayD<T> {
-    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    ArrayD::<T>::read_npy(f).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-}
-
-pub fn read_npz<T: ndarray_npy::ReadableElement>(path: &std::path::Path, key: &str) -> ArrayD<T> {
-    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
-    let mut npz = NpzReader::new(f).unwrap();
-    npz.by_name(key)
-        .unwrap_or_else(|e| panic!("{}[{key}]: {e}", path.display()))
-}
-
-pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len(), "length mismatch");
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
-}
-
-/// Path of an R1 export of the kit: `hf-moe/models/<arch>/<method>/model.onnx`.
-pub fn kit_export(arch: &str, method: &str) -> PathBuf {
-    fixtures()
-        .join("hf-moe/models")
-        .join(arch)
-        .join(method)
-        .join("model.onnx")
-}
+pub use fixtures::*;
 
 /// Asserts that a JSON `cache` object has the documented counters.
 pub fn assert_cache_keys(cache: &serde_json::Value) {

@@ -1,0 +1,69 @@
+//! Typed errors of the library. The CLI wraps them with `anyhow`; every message names the
+//! thing that is wrong (file, node, layer, expert) so that a user can act on it.
+
+use std::path::PathBuf;
+
+/// Result alias used across the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The model file or directory could not be read or decoded.
+    #[error("cannot load model {path}: {reason}")]
+    ModelLoad { path: PathBuf, reason: String },
+
+    /// An MoE block was found but cannot be run correctly by moe-edge.
+    #[error("refused MoE block at node '{node}'{}: {reason}", layer.map(|l| format!(" (layer {l})")).unwrap_or_default())]
+    RefusedBlock {
+        node: String,
+        layer: Option<usize>,
+        reason: String,
+    },
+
+    /// The graph uses a construct that moe-edge refuses regardless of flags.
+    #[error("unsupported graph: {0}")]
+    UnsupportedGraph(String),
+
+    /// Input given by the caller does not fit the model.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    /// Feeding would exceed the model's context (`max_position_embeddings`).
+    #[error("the context is full: {needed} tokens needed, the model takes at most {limit}")]
+    ContextFull { limit: usize, needed: usize },
+
+    /// A packed model's expert file or manifest is damaged or does not match.
+    #[error("corrupt pack: {0}")]
+    CorruptPack(String),
+
+    /// Tokenizer missing or failing.
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+
+    /// An error raised inside tract while analysing or running the graph.
+    #[error("{context}: {source:#}")]
+    Tract {
+        context: String,
+        #[source]
+        source: anyhow::Error,
+    },
+
+    #[error("i/o error on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    pub(crate) fn tract(context: impl Into<String>) -> impl FnOnce(anyhow::Error) -> Error {
+        let context = context.into();
+        move |source| Error::Tract { context, source }
+    }
+
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { path, source }
+    }
+}

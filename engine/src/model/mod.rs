@@ -1,0 +1,265 @@
+//! A loaded model: its graph (imported, or a packed model's), the op table its moe-edge nodes
+//! name, its interface, configuration, tokenizer and chat template, the expert cache of a
+//! packed model, and the tract plans built from it, one per batch size.
+
+mod interface;
+mod plan;
+#[cfg(test)]
+mod tests;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use tract_onnx::pb::ModelProto;
+
+use crate::config::ModelConfig;
+use crate::error::{Error, Result};
+use crate::files::ModelFiles;
+use crate::moe::MoeSpec;
+use crate::onnx::forms::BlockReport;
+use crate::onnx::{import_model, DetectOptions};
+use crate::ops::OpTable;
+use crate::pack::cache::ExpertCache;
+use crate::pack::{is_pack, open_pack, CacheStats, EvictionPolicy, Manifest, PackOpenOptions};
+use crate::tokenizer::{ChatTemplate, Tokenizer};
+pub use interface::Interface;
+#[cfg(test)]
+pub(crate) use plan::run_imported_graph;
+pub(crate) use plan::Plan;
+
+/// How to load a model.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// Run blocks that are not understood literally in tract instead of refusing the model.
+    pub dense_fallback: bool,
+    /// Skip the MoE rewrite entirely (runs the exported graph as it is; for comparisons).
+    pub literal: bool,
+    /// Expert cache budget in MiB for packed models (default: the manifest's, else all experts).
+    pub expert_cache_mb: Option<u64>,
+    /// Check every expert's checksum at open (packed models).
+    pub verify: bool,
+    /// Which expert the cache evicts on a miss (packed models).
+    pub cache_policy: EvictionPolicy,
+}
+
+/// One MoE block of a model, as imported (or as packed).
+#[derive(Debug, Clone)]
+pub struct BlockInfo {
+    pub spec: MoeSpec,
+    /// The form it was exported in (for a packed model: its storage and original form).
+    pub form: String,
+    /// The graph node it was recognised from (empty for packed models).
+    pub node: String,
+}
+
+/// A runnable model. Shared by any number of [`Session`](crate::Session)s, on any threads.
+///
+/// ```no_run
+/// use moe_edge_engine::{LoadOptions, Model};
+/// let model = Model::load("models/tiny-mixtral".as_ref(), LoadOptions::default())?;
+/// println!("{} MoE blocks, KV cache: {}", model.blocks().len(), model.has_kv_cache());
+/// # Ok::<(), moe_edge_engine::Error>(())
+/// ```
+pub struct Model {
+    pub(crate) files: ModelFiles,
+    pub(crate) proto: ModelProto,
+    pub(crate) ops: OpTable,
+    pub(crate) interface: Interface,
+    config: ModelConfig,
+    tokenizer: Option<Tokenizer>,
+    chat_template: Option<ChatTemplate>,
+    cache: Option<Arc<ExpertCache>>,
+    manifest: Option<Manifest>,
+    removed_initializers: usize,
+    blocks: Vec<BlockInfo>,
+    fallbacks: Vec<BlockReport>,
+    plans: Mutex<HashMap<usize, Arc<Plan>>>,
+}
+
+impl std::fmt::Debug for Model {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "Model({}, {} MoE blocks)",
+            self.files.onnx.display(),
+            self.blocks.len()
+        )
+    }
+}
+
+impl Model {
+    /// Loads an `.onnx` file, a directory holding `model.onnx`, or a packed model directory.
+    /// Companion files (`config.json`, `tokenizer.json`, `tokenizer_config.json`,
+    /// `chat_template.jinja`) are read from the model's own directory only.
+    pub fn load(path: &Path, opts: LoadOptions) -> Result<Model> {
+        let files = ModelFiles::resolve(path)?;
+        let mut removed_initializers = 0;
+        let mut manifest = None;
+        let (mut proto, ops, blocks, fallbacks, cache) = if is_pack(&files.dir) {
+            let pack = open_pack(
+                &files.dir,
+                PackOpenOptions {
+                    expert_cache_mb: opts.expert_cache_mb,
+                    verify: opts.verify,
+                    cache_policy: opts.cache_policy,
+                },
+            )?;
+            let blocks = pack
+                .manifest
+                .layers
+                .iter()
+                .map(|l| BlockInfo {
+                    spec: l.spec.clone(),
+                    form: format!("packed {:?}, from {}", pack.manifest.experts, l.form),
+                    node: String::new(),
+                })
+                .collect();
+            manifest = Some(pack.manifest);
+            (pack.proto, pack.ops, blocks, vec![], Some(pack.cache))
+        } else {
+            let detect = DetectOptions {
+                dense_fallback: opts.dense_fallback,
+                literal: opts.literal,
+            };
+            let imported = import_model(&files.onnx, detect)?;
+            let blocks = imported
+                .blocks
+                .iter()
+                .map(|b| BlockInfo {
+                    spec: b.spec.clone(),
+                    form: b.form.to_string(),
+                    node: b.anchor.clone(),
+                })
+                .collect();
+            removed_initializers = imported.removed_initializers;
+            let ops = OpTable {
+                moe: imported.layers,
+                linear: vec![],
+            };
+            (imported.proto, ops, blocks, imported.fallbacks, None)
+        };
+        let load_err = |reason: String| Error::ModelLoad {
+            path: files.onnx.clone(),
+            reason,
+        };
+        let graph = proto
+            .graph
+            .as_mut()
+            .ok_or_else(|| load_err("the file holds no graph".into()))?;
+        ops.annotate(graph).map_err(load_err)?;
+        let interface = interface::interface_of(&proto).map_err(load_err)?;
+        let config = match files.sibling("config.json") {
+            Some(p) => ModelConfig::read(&p)?,
+            None => ModelConfig::default(),
+        };
+        let tokenizer = match files.sibling("tokenizer.json") {
+            Some(p) => Some(Tokenizer::from_file(&p)?),
+            None => None,
+        };
+        let chat_template = ChatTemplate::find(&files.dir)?;
+        Ok(Model {
+            files,
+            proto,
+            ops,
+            interface,
+            config,
+            tokenizer,
+            chat_template,
+            cache,
+            manifest,
+            removed_initializers,
+            blocks,
+            fallbacks,
+            plans: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The model's ONNX file.
+    pub fn path(&self) -> &Path {
+        &self.files.onnx
+    }
+
+    /// What the graph takes and gives.
+    pub fn interface(&self) -> &Interface {
+        &self.interface
+    }
+
+    /// The manifest of a packed model.
+    pub fn manifest(&self) -> Option<&Manifest> {
+        self.manifest.as_ref()
+    }
+
+    /// How many initializers the import took out of the graph (expert weights, and what only
+    /// the MoE blocks used).
+    pub fn removed_initializers(&self) -> usize {
+        self.removed_initializers
+    }
+
+    /// The MoE blocks moe-edge runs with its sparse op, in graph order.
+    pub fn blocks(&self) -> &[BlockInfo] {
+        &self.blocks
+    }
+
+    /// Blocks that were not understood and run literally in tract (`dense_fallback`).
+    pub fn fallbacks(&self) -> &[BlockReport] {
+        &self.fallbacks
+    }
+
+    pub fn has_kv_cache(&self) -> bool {
+        matches!(self.interface, Interface::KvCache { .. })
+    }
+
+    /// The parts of `config.json` that generation uses.
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The tokenizer (`tokenizer.json` beside the model), if there is one.
+    pub fn tokenizer(&self) -> Option<&Tokenizer> {
+        self.tokenizer.as_ref()
+    }
+
+    /// The chat template (`chat_template.jinja`, or `chat_template` of `tokenizer_config.json`).
+    pub fn chat_template(&self) -> Option<&ChatTemplate> {
+        self.chat_template.as_ref()
+    }
+
+    /// The most tokens a session can hold (`max_position_embeddings`), if the config says.
+    pub fn context_limit(&self) -> Option<usize> {
+        self.config.max_position_embeddings
+    }
+
+    /// The expert cache's counters, for packed models.
+    pub fn cache_stats(&self) -> Option<CacheStats> {
+        self.cache.as_ref().map(|c| c.stats())
+    }
+
+    /// The plan for `batch` sequences, built on first use.
+    pub(crate) fn plan(&self, batch: usize) -> Result<Arc<Plan>> {
+        let mut plans = self.plans.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = plans.get(&batch) {
+            return Ok(p.clone());
+        }
+        let plan = Arc::new(plan::build_plan(self, batch)?);
+        plans.insert(batch, plan.clone());
+        Ok(plan)
+    }
+
+    /// One forward pass over `ids[batch, seq]` (empty past for KV-cache graphs): returns
+    /// logits `[batch, seq, vocab]` and the vocabulary size.
+    pub fn logits(&self, ids: &[i64], batch: usize) -> Result<(Vec<f32>, usize)> {
+        if batch == 0 || ids.is_empty() || !ids.len().is_multiple_of(batch) {
+            return Err(Error::InvalidInput(format!(
+                "{} ids do not form {batch} non-empty sequences",
+                ids.len()
+            )));
+        }
+        let plan = self.plan(batch)?;
+        let mut state = plan
+            .runnable
+            .spawn()
+            .map_err(Error::tract("starting a run"))?;
+        plan.run(&mut state, ids, batch, 0)
+    }
+}

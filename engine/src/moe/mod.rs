@@ -1,0 +1,16 @@
+//! The sparse Mixture-of-Experts computation: the block description, the router and what
+//! observes it, one expert FFN over any weight format, the expert storage interface, and the
+//! routed forward pass. Nothing here knows about ONNX or tract.
+
+pub(crate) mod expert;
+pub(crate) mod layer;
+pub(crate) mod observer;
+pub(crate) mod router;
+pub(crate) mod spec;
+pub(crate) mod store;
+
+#[cfg(test)]
+mod tests;
+
+pub use observer::{RoutedTokens, RoutingObserver};
+pub use spec::{Activation, MoeSpec, Routing};

@@ -1,0 +1,40 @@
+//! Watching the router: a session hands each MoE call's routing to an observer (routing traces,
+//! usage profiles, prefetch predictors hang off it), without touching the computation.
+
+use super::router::Choices;
+
+/// Receives the routing of every MoE block call of a session, in execution order. Called on the
+/// thread that runs the model, once per block per forward pass; keep it cheap.
+pub trait RoutingObserver: Send + Sync {
+    fn on_routing(&self, routed: &RoutedTokens<'_>);
+}
+
+/// The routing of one MoE block call: which experts each token chose, with their weights.
+#[derive(Debug, Clone, Copy)]
+pub struct RoutedTokens<'a> {
+    /// Index of the block in the model (0 for the first MoE block of the graph).
+    pub block: usize,
+    /// Model layer of the block.
+    pub layer: usize,
+    /// Position in the sequence of the first token of the call (tokens follow in order).
+    pub first_position: usize,
+    pub(crate) choices: &'a Choices,
+}
+
+impl<'a> RoutedTokens<'a> {
+    /// Number of tokens routed in this call.
+    pub fn tokens(&self) -> usize {
+        self.choices.tokens()
+    }
+
+    /// The (expert, weight) choices of token `t` of the call, in the router's order (highest
+    /// score first). Their number may differ from token to token.
+    pub fn token(&self, t: usize) -> &'a [(usize, f32)] {
+        self.choices.token(t)
+    }
+
+    /// Position in the sequence of token `t` of the call.
+    pub fn position(&self, t: usize) -> usize {
+        self.first_position + t
+    }
+}

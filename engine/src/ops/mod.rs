@@ -1,0 +1,123 @@
+//! moe-edge's tract operators and how a model binds them.
+//!
+//! A rewritten graph holds moe-edge nodes (`ai.moe_edge::MoeEdgeSparseMoe`, `MoeEdgeLinearQ8`)
+//! whose `index` attribute names an entry of the model's [`OpTable`], assigned once at import
+//! and kept by packs. tract's op builders are plain functions, so parsing makes an unbound slot
+//! per node; [`OpTable::bind`] then puts the model's own op in each slot of the typed graph.
+//! Two models in one process never see each other's layers.
+
+mod linear_q8;
+mod slot;
+mod sparse_moe;
+
+use std::sync::Arc;
+
+use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, GraphProto};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_hir::internal::*;
+
+pub(crate) use linear_q8::Q8Linear;
+pub(crate) use sparse_moe::{set_session_routing, SparseMoeOp};
+
+use crate::moe::layer::MoeLayer;
+use crate::onnx::{INDEX_ATTR, LINEAR_OP_TYPE, MOE_OP_TYPE};
+use slot::{SlotKind, UnboundSlot};
+
+/// The layers a model's moe-edge nodes stand for, by their `index` attribute.
+#[derive(Debug, Default, Clone)]
+pub(crate) struct OpTable {
+    pub moe: Vec<Arc<MoeLayer>>,
+    pub linear: Vec<Arc<Q8Linear>>,
+}
+
+/// Attribute names of the index in packs of format 1, still read.
+const V1_INDEX_ATTRS: [&str; 2] = ["pack_layer", "pack_dense"];
+
+impl OpTable {
+    /// Checks that every entry has exactly one node in `graph` and every moe-edge node names an
+    /// entry, and gives each node the shape attributes its slot needs to be parsed.
+    pub fn annotate(&self, graph: &mut GraphProto) -> Result<(), String> {
+        let mut seen_moe = vec![false; self.moe.len()];
+        let mut seen_linear = vec![false; self.linear.len()];
+        for node in graph.node.iter_mut() {
+            let (kind, seen, what) = match node.op_type.as_str() {
+                MOE_OP_TYPE => (SlotKind::Moe, &mut seen_moe, "MoE block"),
+                LINEAR_OP_TYPE => (SlotKind::Linear, &mut seen_linear, "int8 linear layer"),
+                _ => continue,
+            };
+            let index = node
+                .attribute
+                .iter()
+                .find(|a| a.name == INDEX_ATTR || V1_INDEX_ATTRS.contains(&a.name.as_str()))
+                .map(|a| a.i)
+                .filter(|&i| i >= 0 && (i as usize) < seen.len())
+                .ok_or_else(|| {
+                    format!(
+                        "node '{}' names no {what} of the model (it has {})",
+                        node.name,
+                        seen.len()
+                    )
+                })? as usize;
+            if std::mem::replace(&mut seen[index], true) {
+                return Err(format!("{what} {index} has two nodes in the graph"));
+            }
+            let mut attrs = vec![int_attr(INDEX_ATTR, index as i64)];
+            if kind == SlotKind::Linear {
+                let l = &self.linear[index];
+                attrs.push(int_attr(slot::IN_FEATURES_ATTR, l.in_features as i64));
+                attrs.push(int_attr(slot::OUT_FEATURES_ATTR, l.out_features as i64));
+            }
+            node.attribute = attrs;
+        }
+        for (seen, what) in [
+            (&seen_moe, "MoE block"),
+            (&seen_linear, "int8 linear layer"),
+        ] {
+            if let Some(missing) = seen.iter().position(|s| !s) {
+                return Err(format!("{what} {missing} has no node in the graph"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces every unbound slot of `model` by the op of its table entry.
+    pub fn bind(&self, model: &mut TypedModel) -> TractResult<()> {
+        for id in 0..model.nodes().len() {
+            let Some(slot) = model.node(id).op_as::<UnboundSlot>().cloned() else {
+                continue;
+            };
+            let op: Box<dyn TypedOp> = match slot.kind {
+                SlotKind::Moe => Box::new(SparseMoeOp {
+                    layer: self
+                        .moe
+                        .get(slot.index)
+                        .context("MoE slot out of range")?
+                        .clone(),
+                }),
+                SlotKind::Linear => Box::new(linear_q8::LinearQ8Op {
+                    linear: self
+                        .linear
+                        .get(slot.index)
+                        .context("linear slot out of range")?
+                        .clone(),
+                }),
+            };
+            model.node_mut(id).op = op;
+        }
+        Ok(())
+    }
+}
+
+/// Registers the builders of moe-edge's node types with a tract ONNX framework.
+pub(crate) fn register(onnx: &mut tract_onnx::Onnx) {
+    slot::register(onnx);
+}
+
+fn int_attr(name: &str, i: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    }
+}

@@ -1,0 +1,361 @@
+//! The cache of loaded experts, with a byte budget. The bytes held by cached experts never
+//! exceed the budget: a miss first evicts experts that no computation is using, chosen by the
+//! [`EvictionPolicy`] (by default from the layer whose next turn is furthest away, least recently
+//! used first within it; or plain least-recently-used), and if the rest are all in use it waits
+//! until one is released. Counters per layer and in total make hit rates and I/O watchable.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Condvar, Mutex};
+
+use serde::Serialize;
+
+use crate::error::Result;
+use crate::moe::expert::ExpertFfn;
+
+/// Cache counters (per layer or in total).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct CacheCounters {
+    pub hits: u64,
+    pub misses: u64,
+    pub bytes_loaded: u64,
+    pub evictions: u64,
+}
+
+impl CacheCounters {
+    fn add(&mut self, o: &CacheCounters) {
+        self.hits += o.hits;
+        self.misses += o.misses;
+        self.bytes_loaded += o.bytes_loaded;
+        self.evictions += o.evictions;
+    }
+}
+
+/// A snapshot of the cache's statistics.
+#[derive(Debug, Clone, Serialize)]
+pub struct CacheStats {
+    pub hits: u64,
+    pub misses: u64,
+    pub bytes_loaded: u64,
+    pub evictions: u64,
+    pub resident_bytes: u64,
+    pub peak_resident_bytes: u64,
+    pub budget_bytes: u64,
+    pub per_layer: Vec<CacheCounters>,
+}
+
+impl CacheStats {
+    pub fn hit_rate(&self) -> f64 {
+        let total = self.hits + self.misses;
+        if total == 0 {
+            0.0
+        } else {
+            self.hits as f64 / total as f64
+        }
+    }
+}
+
+type Key = (u32, u32);
+
+enum Slot {
+    /// Being read by some thread; its bytes are already reserved.
+    Loading,
+    Ready {
+        expert: Arc<dyn ExpertFfn>,
+        bytes: u64,
+        last_used: u64,
+    },
+}
+
+struct State {
+    slots: HashMap<Key, Slot>,
+    clock: u64,
+    resident: u64,
+    peak: u64,
+    layers: Vec<CacheCounters>,
+}
+
+/// Which unused expert a miss evicts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EvictionPolicy {
+    /// Least recently used first.
+    Lru,
+    /// Layers run in a cycle, once per token: evict from the layer whose next turn is furthest
+    /// away (the layer that ran last), least recently used first within it. Plain LRU evicts
+    /// exactly the experts the next layers need when the budget is below the working set.
+    #[default]
+    LayerCycle,
+}
+
+/// The cache. Shared by every layer and session of a process.
+pub struct ExpertCache {
+    budget: u64,
+    policy: EvictionPolicy,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+impl std::fmt::Debug for ExpertCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ExpertCache(budget {} bytes)", self.budget)
+    }
+}
+
+/// An expert handed out by the cache; while it lives the expert cannot be evicted.
+struct Pinned {
+    expert: Option<Arc<dyn ExpertFfn>>,
+    cache: Arc<ExpertCache>,
+}
+
+impl ExpertFfn for Pinned {
+    fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        self.expert
+            .as_ref()
+            .expect("pinned expert present until drop")
+            .forward(x, rows, out)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        drop(self.expert.take());
+        let _guard = self.cache.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.cache.changed.notify_all();
+    }
+}
+
+impl ExpertCache {
+    #[cfg(test)]
+    pub fn new(budget: u64, layers: usize) -> Arc<Self> {
+        Self::with_policy(budget, layers, EvictionPolicy::default())
+    }
+
+    pub fn with_policy(budget: u64, layers: usize, policy: EvictionPolicy) -> Arc<Self> {
+        Arc::new(ExpertCache {
+            budget,
+            policy,
+            state: Mutex::new(State {
+                slots: HashMap::new(),
+                clock: 0,
+                resident: 0,
+                peak: 0,
+                layers: vec![CacheCounters::default(); layers],
+            }),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// The expert `(layer, expert)`, loaded by `load` on a miss. `bytes` is what the loaded
+    /// expert will hold in memory; it must not exceed the budget.
+    pub fn get(
+        self: &Arc<Self>,
+        layer: u32,
+        expert: u32,
+        bytes: u64,
+        load: impl FnOnce() -> Result<Arc<dyn ExpertFfn>>,
+    ) -> Result<Arc<dyn ExpertFfn>> {
+        assert!(
+            bytes <= self.budget,
+            "expert of {bytes} bytes does not fit the {}-byte budget",
+            self.budget
+        );
+        let key = (layer, expert);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            st.clock += 1;
+            let now = st.clock;
+            match st.slots.get_mut(&key) {
+                Some(Slot::Ready {
+                    expert, last_used, ..
+                }) => {
+                    *last_used = now;
+                    let e = expert.clone();
+                    st.layers[layer as usize].hits += 1;
+                    return Ok(self.pin(e));
+                }
+                Some(Slot::Loading) => {
+                    st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                    continue;
+                }
+                None => {}
+            }
+            // make room: evict unused experts per the policy
+            let n_layers = st.layers.len() as u64;
+            while st.resident + bytes > self.budget {
+                let victim = st
+                    .slots
+                    .iter()
+                    .filter_map(|(k, s)| match s {
+                        Slot::Ready {
+                            expert, last_used, ..
+                        } if Arc::strong_count(expert) == 1 => {
+                            // layers until this expert's layer runs next; the running layer counts
+                            // as nearest, since its other selected experts follow right away
+                            let until_next_turn = match self.policy {
+                                EvictionPolicy::Lru => 0,
+                                EvictionPolicy::LayerCycle => {
+                                    (k.0 as u64 + n_layers - layer as u64) % n_layers
+                                }
+                            };
+                            Some((std::cmp::Reverse(until_next_turn), *last_used, *k))
+                        }
+                        _ => None,
+                    })
+                    .min();
+                let Some((_, _, vk)) = victim else { break };
+                if let Some(Slot::Ready { bytes: b, .. }) = st.slots.remove(&vk) {
+                    st.resident -= b;
+                    st.layers[vk.0 as usize].evictions += 1;
+                }
+            }
+            if st.resident + bytes > self.budget {
+                // everything left is in use by other computations: wait for one to finish
+                st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            st.resident += bytes;
+            st.peak = st.peak.max(st.resident);
+            st.slots.insert(key, Slot::Loading);
+            st.layers[layer as usize].misses += 1;
+            drop(st);
+            let loaded = load();
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            let result = match loaded {
+                Ok(expert) => {
+                    st.layers[layer as usize].bytes_loaded += bytes;
+                    let now = st.clock;
+                    st.slots.insert(
+                        key,
+                        Slot::Ready {
+                            expert: expert.clone(),
+                            bytes,
+                            last_used: now,
+                        },
+                    );
+                    Ok(self.pin(expert))
+                }
+                Err(e) => {
+                    st.slots.remove(&key);
+                    st.resident -= bytes;
+                    Err(e)
+                }
+            };
+            self.changed.notify_all();
+            return result;
+        }
+    }
+
+    fn pin(self: &Arc<Self>, expert: Arc<dyn ExpertFfn>) -> Arc<dyn ExpertFfn> {
+        Arc::new(Pinned {
+            expert: Some(expert),
+            cache: self.clone(),
+        })
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut total = CacheCounters::default();
+        for l in &st.layers {
+            total.add(l);
+        }
+        CacheStats {
+            hits: total.hits,
+            misses: total.misses,
+            bytes_loaded: total.bytes_loaded,
+            evictions: total.evictions,
+            resident_bytes: st.resident,
+            peak_resident_bytes: st.peak,
+            budget_bytes: self.budget,
+            per_layer: st.layers.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Fake;
+    impl ExpertFfn for Fake {
+        fn forward(&self, _: &[f32], _: usize, _: &mut [f32]) {}
+    }
+
+    fn loader(n: &AtomicUsize) -> Result<Arc<dyn ExpertFfn>> {
+        n.fetch_add(1, Ordering::Relaxed);
+        Ok(Arc::new(Fake))
+    }
+
+    #[test]
+    fn lru_eviction_within_budget() {
+        let cache = ExpertCache::with_policy(30, 1, EvictionPolicy::Lru);
+        let loads = AtomicUsize::new(0);
+        for e in [0, 1, 2, 0, 3, 1] {
+            drop(cache.get(0, e, 10, || loader(&loads)).unwrap());
+        }
+        // 0,1,2 miss; 0 hits; 3 evicts 1 (LRU); 1 misses again and evicts 2
+        let s = cache.stats();
+        assert_eq!((s.hits, s.misses, s.evictions), (1, 5, 2));
+        assert_eq!(loads.load(Ordering::Relaxed), 5);
+        assert!(s.peak_resident_bytes <= 30 && s.resident_bytes == 30);
+        assert_eq!(s.bytes_loaded, 50);
+    }
+
+    /// A cyclic scan over 4 layers with room for 6 of 8 experts: LRU always evicts the expert
+    /// needed next and never hits; the layer-cycle policy hits half of the time (the optimum,
+    /// evicting what is needed furthest ahead, is 5 of 8).
+    #[test]
+    fn layer_cycle_policy_beats_lru_on_cyclic_scans() {
+        let hits = |policy| {
+            let cache = ExpertCache::with_policy(60, 4, policy);
+            let loads = AtomicUsize::new(0);
+            for _token in 0..20 {
+                for layer in 0..4 {
+                    for e in 0..2 {
+                        drop(cache.get(layer, e, 10, || loader(&loads)).unwrap());
+                    }
+                }
+            }
+            let s = cache.stats();
+            assert!(s.peak_resident_bytes <= 60);
+            s.hits
+        };
+        assert_eq!(hits(EvictionPolicy::Lru), 0);
+        let h = hits(EvictionPolicy::LayerCycle);
+        assert!(h >= 19 * 4, "layer-cycle hits {h}");
+    }
+
+    #[test]
+    fn pinned_experts_are_not_evicted_and_waiters_resume() {
+        let cache = ExpertCache::new(10, 1);
+        let loads = AtomicUsize::new(0);
+        let held = cache.get(0, 0, 10, || loader(&loads)).unwrap();
+        let c2 = cache.clone();
+        let t = std::thread::spawn(move || {
+            let n = AtomicUsize::new(0);
+            drop(c2.get(0, 1, 10, || loader(&n)).unwrap());
+        });
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert_eq!(
+            cache.stats().misses,
+            1,
+            "second request waits while the only slot is pinned"
+        );
+        drop(held);
+        t.join().unwrap();
+        let s = cache.stats();
+        assert_eq!((s.misses, s.evictions), (2, 1));
+        assert!(s.peak_resident_bytes <= 10);
+    }
+
+    #[test]
+    fn failed_loads_release_their_reservation() {
+        let cache = ExpertCache::new(10, 2);
+        let err = cache.get(1, 0, 10, || Err(crate::Error::CorruptPack("boom".into())));
+        assert!(err.is_err());
+        assert_eq!(cache.stats().resident_bytes, 0);
+        let loads = AtomicUsize::new(0);
+        assert!(cache.get(1, 0, 10, || loader(&loads)).is_ok());
+        assert_eq!(cache.stats().per_layer[1].misses, 2);
+    }
+}

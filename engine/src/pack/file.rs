@@ -1,0 +1,191 @@
+//! An opened expert file: memory-mapped header and table, validated against the file size at
+//! open; tensor data read with explicit positioned reads, so that a file truncated later gives an
+//! I/O error instead of SIGBUS, and dropped from the page cache after each read, so that the
+//! expert cache's budget bounds the memory the experts really take.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+use super::format::{Entry, Header, TensorKind, ENTRY_BYTES, HEADER_BYTES, NO_EXPERT};
+use crate::error::{Error, Result};
+
+/// The validated table of an expert file.
+#[derive(Debug)]
+pub struct PackFile {
+    pub path: PathBuf,
+    file: File,
+    pub entries: Vec<Entry>,
+    /// (layer, expert, kind) -> index into `entries`
+    index: HashMap<(u32, u32, u16), usize>,
+}
+
+impl PackFile {
+    /// Opens and validates `path`: header, table checksum, and every entry's offset and length
+    /// against the file size.
+    pub fn open(path: &Path) -> Result<Self> {
+        let corrupt = |m: String| Error::CorruptPack(format!("{}: {m}", path.display()));
+        let file = File::open(path).map_err(Error::io(path))?;
+        let size = file.metadata().map_err(Error::io(path))?.len();
+        if size < HEADER_BYTES as u64 {
+            return Err(corrupt(format!(
+                "file is {size} bytes, shorter than its header"
+            )));
+        }
+        // SAFETY: the mapping is read-only and only read within `size`, the length the file had
+        // when mapped; the table is copied out of it before any other use.
+        let map = unsafe { Mmap::map(&file) }.map_err(Error::io(path))?;
+        let header = Header::decode(&map[..HEADER_BYTES]).map_err(|e| corrupt(e.to_string()))?;
+        if header.file_bytes != size {
+            return Err(corrupt(format!(
+                "file is {size} bytes but its header says {} (truncated or extended)",
+                header.file_bytes
+            )));
+        }
+        let table_len = header.entry_count as u64 * ENTRY_BYTES as u64;
+        let table_end = header
+            .table_offset
+            .checked_add(table_len)
+            .filter(|&e| e <= size)
+            .ok_or_else(|| corrupt("table runs past the end of the file".into()))?;
+        let table = &map[header.table_offset as usize..table_end as usize];
+        if crc32fast::hash(table) != header.table_crc32 {
+            return Err(corrupt("table checksum mismatch".into()));
+        }
+        let mut entries = Vec::with_capacity(header.entry_count as usize);
+        let mut index = HashMap::new();
+        for (i, raw) in table.chunks_exact(ENTRY_BYTES).enumerate() {
+            let e = Entry::decode(raw, i).map_err(|e| corrupt(e.to_string()))?;
+            let end = e
+                .offset
+                .checked_add(e.length)
+                .ok_or_else(|| corrupt(format!("{}: offset overflows", e.describe())))?;
+            if e.offset < header.data_offset || end > size {
+                return Err(corrupt(format!(
+                    "{}: data at {}..{} lies outside the data area {}..{size}",
+                    e.describe(),
+                    e.offset,
+                    end,
+                    header.data_offset
+                )));
+            }
+            if index
+                .insert((e.layer, e.expert, e.kind as u16), i)
+                .is_some()
+            {
+                return Err(corrupt(format!(
+                    "{} appears twice in the table",
+                    e.describe()
+                )));
+            }
+            entries.push(e);
+        }
+        drop(map);
+        #[cfg(target_os = "linux")]
+        {
+            // experts are read whole, each with one pread: kernel readahead past them would only
+            // fill the page cache with bytes nobody asked for (a hint: failure only warns)
+            // SAFETY: posix_fadvise only reads its integer arguments; `file` is open.
+            let rc =
+                unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_RANDOM) };
+            if rc != 0 {
+                log::warn!(
+                    "posix_fadvise(RANDOM) failed on {}: error {rc}",
+                    path.display()
+                );
+            }
+        }
+        Ok(PackFile {
+            path: path.to_path_buf(),
+            file,
+            entries,
+            index,
+        })
+    }
+
+    /// The entry of a tensor.
+    pub fn entry(&self, layer: u32, expert: Option<u32>, kind: TensorKind) -> Result<&Entry> {
+        let key = (layer, expert.unwrap_or(NO_EXPERT), kind as u16);
+        self.index
+            .get(&key)
+            .map(|&i| &self.entries[i])
+            .ok_or_else(|| {
+                Error::CorruptPack(format!(
+                    "{}: no {:?} tensor for layer {layer}{}",
+                    self.path.display(),
+                    kind,
+                    expert.map(|e| format!(" expert {e}")).unwrap_or_default()
+                ))
+            })
+    }
+
+    /// Reads the bytes `[offset, offset + len)` and asks the kernel to drop them from the page
+    /// cache (a hint: failure only warns).
+    pub fn read_range(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        self.file.read_exact_at(&mut buf, offset).map_err(|e| {
+            Error::CorruptPack(format!(
+                "{}: reading {what} at {offset}..{}: {e}",
+                self.path.display(),
+                offset + len as u64
+            ))
+        })?;
+        self.drop_from_page_cache(offset, len);
+        Ok(buf)
+    }
+
+    fn drop_from_page_cache(&self, offset: u64, len: usize) {
+        #[cfg(target_os = "linux")]
+        {
+            // SAFETY: posix_fadvise only reads its integer arguments; the descriptor is owned
+            // by `self.file` and open for the duration of the call.
+            let rc = unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                    libc::POSIX_FADV_DONTNEED,
+                )
+            };
+            if rc != 0 {
+                log::warn!(
+                    "posix_fadvise(DONTNEED) failed on {}: error {rc}",
+                    self.path.display()
+                );
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = (offset, len, self.file.as_raw_fd());
+    }
+
+    /// Reads a tensor and checks its CRC-32.
+    pub fn read_tensor(&self, e: &Entry) -> Result<Vec<u8>> {
+        let bytes = self.read_range(e.offset, e.length as usize, &e.describe())?;
+        check_crc(self, e, &bytes)?;
+        Ok(bytes)
+    }
+
+    /// Checks every tensor's checksum (reads the whole file once).
+    pub fn verify_all(&self) -> Result<()> {
+        for e in &self.entries {
+            self.read_tensor(e)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a tensor's bytes against its table checksum.
+pub fn check_crc(file: &PackFile, e: &Entry, bytes: &[u8]) -> Result<()> {
+    if crc32fast::hash(bytes) != e.crc32 {
+        return Err(Error::CorruptPack(format!(
+            "{}: {} checksum mismatch (the data is damaged)",
+            file.path.display(),
+            e.describe()
+        )));
+    }
+    Ok(())
+}

@@ -1,0 +1,302 @@
+//! Packed models: experts quantised into one expert file that is read on demand through a
+//! byte-budget cache, next to the rewritten graph and a manifest. Writing ([`writer`]), the file
+//! format ([`format`], [`file`]), the manifest and the cache each have their module; this one
+//! opens a pack into the layers its graph names.
+
+pub(crate) mod cache;
+pub(crate) mod file;
+pub(crate) mod format;
+pub(crate) mod manifest;
+pub(crate) mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tract_onnx::pb::ModelProto;
+
+use crate::error::{Error, Result};
+use crate::kernels::q8::{blocks_per_row, Q8Matrix};
+use crate::moe::expert::{DenseExpert, Expert, ExpertFfn, Q8Expert};
+use crate::moe::layer::MoeLayer;
+use crate::moe::store::{ExpertStore, SharedExpert};
+use crate::ops::{OpTable, Q8Linear};
+use cache::ExpertCache;
+use file::PackFile;
+use format::{Entry, TensorFormat, TensorKind};
+use manifest::MANIFEST_FILE;
+
+pub use cache::{CacheCounters, CacheStats, EvictionPolicy};
+pub use manifest::{DenseLayer, ExpertFormat, Manifest, PackLayer, SourceInfo};
+pub use writer::{pack_model, pack_model_with_progress, PackOptions, PackSummary, DEFAULT_ALIGN};
+
+/// Whether `dir` is a packed model directory.
+pub(crate) fn is_pack(dir: &Path) -> bool {
+    dir.is_dir() && dir.join(MANIFEST_FILE).is_file()
+}
+
+/// How to open a pack.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct PackOpenOptions {
+    /// Budget of the expert cache in MiB (`None`: the manifest's default, else every expert).
+    pub expert_cache_mb: Option<u64>,
+    /// Check every tensor's checksum at open.
+    pub verify: bool,
+    pub cache_policy: EvictionPolicy,
+}
+
+/// An opened pack: its graph, the layers its nodes name, and the cache the layers share.
+pub(crate) struct OpenedPack {
+    pub proto: ModelProto,
+    pub ops: OpTable,
+    pub manifest: Manifest,
+    pub cache: Arc<ExpertCache>,
+}
+
+/// Opens a packed model directory.
+pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack> {
+    let manifest = Manifest::read(dir)?;
+    let file = Arc::new(PackFile::open(&dir.join(&manifest.expert_file))?);
+    if opts.verify {
+        file.verify_all()?;
+    }
+    // resident bytes of every expert, to size and bound the cache
+    let mut sizes: Vec<Vec<u64>> = vec![];
+    for (li, l) in manifest.layers.iter().enumerate() {
+        let mut per = vec![];
+        for e in 0..l.spec.experts as u32 {
+            let mut b = 0;
+            for kind in [TensorKind::Gate, TensorKind::Up, TensorKind::Down] {
+                b += resident_bytes(file.entry(li as u32, Some(e), kind)?);
+            }
+            per.push(b);
+        }
+        sizes.push(per);
+    }
+    let total: u64 = sizes.iter().flatten().sum();
+    let largest = sizes.iter().flatten().copied().max().unwrap_or(0);
+    let mut budget = opts
+        .expert_cache_mb
+        .or(manifest.expert_cache_mb)
+        .map(|mb| mb << 20)
+        .unwrap_or(total);
+    if budget < largest {
+        log::warn!("expert cache budget {budget} bytes is smaller than one expert ({largest} bytes): using {largest}");
+        budget = largest;
+    }
+    let cache = ExpertCache::with_policy(budget, manifest.layers.len(), opts.cache_policy);
+    log::info!(
+        "expert cache: budget {:.1} MiB of {:.1} MiB of experts",
+        budget as f64 / 1048576.0,
+        total as f64 / 1048576.0
+    );
+
+    let mut layers = vec![];
+    for (li, l) in manifest.layers.iter().enumerate() {
+        let li32 = li as u32;
+        let router = read_f32(&file, file.entry(li32, None, TensorKind::Router)?)?;
+        let shared = match l.spec.shared_ffn {
+            Some(_) => {
+                let gate = file.entry(li32, None, TensorKind::SharedGateProj)?;
+                let up = file.entry(li32, None, TensorKind::SharedUpProj)?;
+                let down = file.entry(li32, None, TensorKind::SharedDownProj)?;
+                Some(SharedExpert {
+                    ffn: DenseExpert::silu_gated(
+                        l.spec.hidden,
+                        gate.rows as usize,
+                        read_f32(&file, gate)?,
+                        read_f32(&file, up)?,
+                        read_f32(&file, down)?,
+                    )?,
+                    gate: read_f32(&file, file.entry(li32, None, TensorKind::SharedGate)?)?,
+                })
+            }
+            None => None,
+        };
+        let store = PackLayerStore {
+            file: file.clone(),
+            cache: cache.clone(),
+            layer: li32,
+            sizes: sizes[li].clone(),
+        };
+        layers.push(Arc::new(MoeLayer::new(
+            l.spec.clone(),
+            li,
+            router,
+            None,
+            Arc::new(store),
+            shared,
+        )?));
+    }
+    let mut linear = vec![];
+    for (di, d) in manifest.dense.iter().enumerate() {
+        let e = file.entry(di as u32, None, TensorKind::Dense)?;
+        if (e.rows as usize, e.cols as usize) != (d.out_features, d.in_features)
+            || e.format.scale_type().is_none()
+        {
+            return Err(Error::CorruptPack(format!(
+                "dense layer {di} ('{}') does not match its table entry",
+                d.name
+            )));
+        }
+        let m = q8_matrix(&file.read_tensor(e)?, e)?;
+        linear.push(Arc::new(Q8Linear::new(m)));
+    }
+    let graph_path = dir.join("model.onnx");
+    let bytes = std::fs::read(&graph_path).map_err(Error::io(&graph_path))?;
+    let proto =
+        <ModelProto as prost::Message>::decode(bytes.as_slice()).map_err(|e| Error::ModelLoad {
+            path: graph_path.clone(),
+            reason: format!("not a valid ONNX protobuf ({e})"),
+        })?;
+    Ok(OpenedPack {
+        proto,
+        ops: OpTable {
+            moe: layers,
+            linear,
+        },
+        manifest,
+        cache,
+    })
+}
+
+/// Bytes an entry takes once loaded (int8 values and f32 scales; f16 and f32 as f32).
+fn resident_bytes(e: &Entry) -> u64 {
+    let (rows, cols) = (e.rows as u64, e.cols as u64);
+    match e.format {
+        TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales => {
+            let nb = blocks_per_row(cols as usize) as u64;
+            rows * nb * 32 + rows * nb * 4
+        }
+        TensorFormat::F32 | TensorFormat::F16 => rows * cols * 4,
+    }
+}
+
+fn decode_f32(bytes: &[u8], format: TensorFormat) -> Option<Vec<f32>> {
+    match format {
+        TensorFormat::F32 => Some(
+            bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+        ),
+        TensorFormat::F16 => Some(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+        ),
+        TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales => None,
+    }
+}
+
+/// Reads a tensor as f32 values (dequantising int8).
+fn read_f32(file: &PackFile, e: &Entry) -> Result<Vec<f32>> {
+    let bytes = file.read_tensor(e)?;
+    Ok(match decode_f32(&bytes, e.format) {
+        Some(v) => v,
+        None => q8_matrix(&bytes, e)?.dequantize(),
+    })
+}
+
+fn q8_matrix(bytes: &[u8], e: &Entry) -> Result<Q8Matrix> {
+    Q8Matrix::from_bytes(
+        bytes,
+        e.rows as usize,
+        e.cols as usize,
+        e.format.scale_type().expect("q8 format"),
+    )
+    .ok_or_else(|| Error::CorruptPack(format!("{}: size does not match its shape", e.describe())))
+}
+
+/// The routed experts of one layer of a pack, loaded through the shared cache.
+#[derive(Debug)]
+struct PackLayerStore {
+    file: Arc<PackFile>,
+    cache: Arc<ExpertCache>,
+    layer: u32,
+    sizes: Vec<u64>,
+}
+
+impl PackLayerStore {
+    fn load(&self, expert: u32) -> Result<Arc<dyn ExpertFfn>> {
+        let entries = [TensorKind::Gate, TensorKind::Up, TensorKind::Down]
+            .map(|k| self.file.entry(self.layer, Some(expert), k));
+        let [gate, up, down] = entries;
+        let (gate, up, down) = (gate?, up?, down?);
+        // one read for the whole expert: its tensors are contiguous
+        let start = gate.offset.min(up.offset).min(down.offset);
+        let end = (gate.offset + gate.length)
+            .max(up.offset + up.length)
+            .max(down.offset + down.length);
+        let blob = self.file.read_range(
+            start,
+            (end - start) as usize,
+            &format!("layer {} expert {expert}", self.layer),
+        )?;
+        let slice = |e: &Entry| -> Result<&[u8]> {
+            let b = &blob[(e.offset - start) as usize..(e.offset - start + e.length) as usize];
+            file::check_crc(&self.file, e, b)?;
+            Ok(b)
+        };
+        let (gb, ub, db) = (slice(gate)?, slice(up)?, slice(down)?);
+        let expert: Arc<dyn ExpertFfn> = match gate.format {
+            TensorFormat::F32 | TensorFormat::F16 => {
+                let dec = |b: &[u8], e: &Entry| {
+                    decode_f32(b, e.format).ok_or_else(|| {
+                        Error::CorruptPack(format!(
+                            "{}: mixed formats within an expert",
+                            e.describe()
+                        ))
+                    })
+                };
+                Arc::new(DenseExpert::silu_gated(
+                    gate.cols as usize,
+                    gate.rows as usize,
+                    dec(gb, gate)?,
+                    dec(ub, up)?,
+                    dec(db, down)?,
+                )?)
+            }
+            TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales => {
+                let expert: Q8Expert = Expert::new(
+                    q8_matrix(gb, gate)?,
+                    q8_matrix(ub, up)?,
+                    q8_matrix(db, down)?,
+                    None,
+                    crate::moe::Activation::SiluGated,
+                )?;
+                Arc::new(expert)
+            }
+        };
+        Ok(expert)
+    }
+}
+
+impl ExpertStore for PackLayerStore {
+    fn len(&self) -> usize {
+        self.sizes.len()
+    }
+
+    fn expert(&self, index: usize) -> Result<Arc<dyn ExpertFfn>> {
+        let bytes = *self.sizes.get(index).ok_or_else(|| {
+            Error::InvalidInput(format!("layer {}: expert {index} out of range", self.layer))
+        })?;
+        self.cache
+            .get(self.layer, index as u32, bytes, || self.load(index as u32))
+    }
+
+    fn to_dense(&self, index: usize) -> Result<DenseExpert> {
+        let e = index as u32;
+        let read = |k| -> Result<(Vec<f32>, &Entry)> {
+            let entry = self.file.entry(self.layer, Some(e), k)?;
+            Ok((read_f32(&self.file, entry)?, entry))
+        };
+        let (gate, ge) = read(TensorKind::Gate)?;
+        let (up, _) = read(TensorKind::Up)?;
+        let (down, _) = read(TensorKind::Down)?;
+        DenseExpert::silu_gated(ge.cols as usize, ge.rows as usize, gate, up, down)
+    }
+}

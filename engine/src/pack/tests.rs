@@ -1,0 +1,418 @@
+//! Packed models: exactness of f32 packs, accuracy of int8 packs against torch, generation with
+//! the smallest cache budget, and damaged pack files.
+
+use std::path::{Path, PathBuf};
+
+use super::format::{Entry, Header, ENTRY_BYTES, HEADER_BYTES, NO_EXPERT};
+use super::{pack_model, ExpertFormat, PackOptions};
+use crate::sampling::argmax;
+use crate::test_support::*;
+use crate::{Error, LoadOptions, Model, Session};
+
+const EXPORTS: [(&str, &str); 9] = [
+    ("mixtral", "legacy_batched"),
+    ("mixtral", "dynamo_batched"),
+    ("olmoe", "legacy_batched"),
+    ("olmoe", "dynamo_batched"),
+    ("qwen2_moe", "legacy_batched"),
+    ("qwen2_moe", "dynamo_batched"),
+    ("qwen3_moe", "legacy_batched"),
+    ("granitemoe", "legacy_batched"),
+    ("granitemoe", "dynamo_batched"),
+];
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("moe-edge-pack-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+fn pack(src: &Path, name: &str, experts: ExpertFormat) -> PathBuf {
+    pack_with(
+        src,
+        name,
+        PackOptions {
+            experts,
+            ..Default::default()
+        },
+    )
+}
+
+fn pack_with(src: &Path, name: &str, opts: PackOptions) -> PathBuf {
+    let out = scratch(name);
+    pack_model(src, &out, &opts).unwrap();
+    out
+}
+
+fn logits(model: &Model, input: usize) -> (Vec<f32>, usize) {
+    let ids = read_npy::<i64>(&fixtures().join(format!("hf-moe/inputs/input_ids_{input}.npy")));
+    model
+        .logits(ids.as_slice().unwrap(), ids.shape()[0])
+        .unwrap()
+}
+
+#[test]
+fn f32_pack_gives_the_unpacked_logits() {
+    for (arch, method) in EXPORTS {
+        let src = kit_export(arch, method);
+        let unpacked = Model::load(&src, LoadOptions::default()).unwrap();
+        let dir = pack(&src, &format!("f32-{arch}-{method}"), ExpertFormat::F32);
+        let packed = Model::load(&dir, LoadOptions::default()).unwrap();
+        assert!(packed.cache_stats().is_some() && packed.blocks().len() == 2);
+        for i in 0..5 {
+            let (a, _) = logits(&unpacked, i);
+            let (b, _) = logits(&packed, i);
+            let d = max_abs_diff(&a, &b);
+            assert!(
+                d < 1e-5,
+                "{arch}/{method} input {i}: packed f32 differs by {d}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+fn log_softmax(v: &[f32]) -> Vec<f64> {
+    let m = v.iter().cloned().fold(f32::MIN, f32::max) as f64;
+    let lse = v.iter().map(|&x| (x as f64 - m).exp()).sum::<f64>().ln() + m;
+    v.iter().map(|&x| x as f64 - lse).collect()
+}
+
+/// Max abs logit diff, top-1 agreement and mean KL(torch || model) over every position of the
+/// five inputs.
+fn accuracy_vs_torch(model: &Model, arch: &str) -> (f32, f64, f64) {
+    let (mut worst, mut agree, mut positions, mut kl_sum) = (0f32, 0usize, 0usize, 0f64);
+    for i in 0..5 {
+        let (got, vocab) = logits(model, i);
+        let torch =
+            read_npy::<f32>(&fixtures().join(format!("hf-moe/models/{arch}/torch_logits_{i}.npy")));
+        let torch = torch.as_slice().unwrap();
+        worst = worst.max(max_abs_diff(&got, torch));
+        for (g, t) in got.chunks(vocab).zip(torch.chunks(vocab)) {
+            positions += 1;
+            agree += (argmax(g) == argmax(t)) as usize;
+            let (lg, lt) = (log_softmax(g), log_softmax(t));
+            kl_sum += lt
+                .iter()
+                .zip(&lg)
+                .map(|(a, b)| a.exp() * (a - b))
+                .sum::<f64>();
+        }
+    }
+    (
+        worst,
+        agree as f64 / positions as f64,
+        kl_sum / positions as f64,
+    )
+}
+
+/// int8 experts against torch, with f16 block scales (the default) and f32 ones. Bounds: top-1
+/// agreement >= 90% and mean KL < 0.01 nats (random tiny models have many near-ties, see the kit
+/// README); f16 scales within 10% (+1e-6) of f32 scales' KL, which is why they are the default.
+#[test]
+fn int8_pack_accuracy_against_torch() {
+    use crate::kernels::q8::ScaleType;
+    println!(
+        "{:<12} {:<15} {:>7} {:>10} {:>8} {:>10}",
+        "arch", "export", "scales", "max|diff|", "top-1", "mean KL"
+    );
+    for (arch, method) in EXPORTS {
+        let src = kit_export(arch, method);
+        let mut kls = vec![];
+        for scales in [ScaleType::F16, ScaleType::F32] {
+            let opts = PackOptions {
+                experts: ExpertFormat::Int8,
+                int8_scales: scales,
+                ..Default::default()
+            };
+            let dir = pack_with(&src, &format!("int8-{arch}-{method}-{scales:?}"), opts);
+            let packed = Model::load(&dir, LoadOptions::default()).unwrap();
+            let (worst, top1, kl) = accuracy_vs_torch(&packed, arch);
+            println!(
+                "{arch:<12} {method:<15} {:>7} {worst:>10.4} {:>7.1}% {kl:>10.2e}",
+                format!("{scales:?}"),
+                100.0 * top1
+            );
+            assert!(top1 >= 0.9, "{arch}/{method}: top-1 agreement {top1}");
+            assert!(kl < 0.01, "{arch}/{method}: mean KL {kl}");
+            kls.push(kl);
+            std::fs::remove_dir_all(&dir).ok();
+        }
+        assert!(
+            kls[0] <= kls[1] * 1.1 + 1e-6,
+            "{arch}/{method}: f16 scales KL {} vs f32 {}",
+            kls[0],
+            kls[1]
+        );
+    }
+}
+
+/// `pack --dense int8` also quantises the attention projections and the LM head: every MatMul
+/// by a constant weight leaves the graph, and the cost against torch is measured (bounds: top-1
+/// agreement >= 85%, mean KL < 0.05 nats; printed with --nocapture).
+#[test]
+fn dense_int8_pack_accuracy_against_torch() {
+    println!(
+        "{:<12} {:<15} {:>6} {:>10} {:>8} {:>10}",
+        "arch", "export", "dense", "max|diff|", "top-1", "mean KL"
+    );
+    for (arch, method) in EXPORTS {
+        let src = kit_export(arch, method);
+        let opts = PackOptions {
+            experts: ExpertFormat::Int8,
+            dense_int8: true,
+            ..Default::default()
+        };
+        let dir = pack_with(&src, &format!("dense-{arch}-{method}"), opts);
+        let model = Model::load(&dir, LoadOptions::default()).unwrap();
+        let n_dense = model.ops.linear.len();
+        assert!(
+            n_dense >= 9,
+            "{arch}/{method}: {n_dense} dense layers packed (q, k, v, o per layer + LM head)"
+        );
+        let graph = model.proto.graph.as_ref().unwrap();
+        let inits: std::collections::HashSet<&str> =
+            graph.initializer.iter().map(|t| t.name.as_str()).collect();
+        let left = graph
+            .node
+            .iter()
+            .filter(|n| n.op_type == "MatMul" && inits.contains(n.input[1].as_str()))
+            .count();
+        assert_eq!(
+            left, 0,
+            "{arch}/{method}: MatMul by a constant weight left in the graph"
+        );
+        let (worst, top1, kl) = accuracy_vs_torch(&model, arch);
+        println!(
+            "{arch:<12} {method:<15} {n_dense:>6} {worst:>10.4} {:>7.1}% {kl:>10.2e}",
+            100.0 * top1
+        );
+        assert!(top1 >= 0.85, "{arch}/{method}: top-1 agreement {top1}");
+        assert!(kl < 0.05, "{arch}/{method}: mean KL {kl}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+fn greedy(model: &Model, prompt: &[i64], steps: usize) -> Vec<i64> {
+    let mut s = Session::new(model).unwrap();
+    let mut logits = s.feed(prompt).unwrap();
+    let mut out = vec![];
+    for _ in 0..steps {
+        let t = argmax(&logits) as i64;
+        out.push(t);
+        logits = s.feed(&[t]).unwrap();
+    }
+    out
+}
+
+/// With the budget at its minimum (one expert), generation gives the same tokens as with every
+/// expert cached, misses happen, and the cache never holds more than its budget.
+#[test]
+fn smallest_cache_budget_gives_the_same_tokens() {
+    for arch in ARCHS {
+        let src = fixtures().join("hf-moe-kv").join(arch).join("model.onnx");
+        let dir = pack(&src, &format!("kv-{arch}"), ExpertFormat::Int8);
+        let full = Model::load(&dir, LoadOptions::default()).unwrap();
+        let tiny = Model::load(
+            &dir,
+            LoadOptions {
+                expert_cache_mb: Some(0),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let reference = fixtures()
+            .join("hf-moe-kv")
+            .join(arch)
+            .join("reference.npz");
+        for p in 0..3 {
+            let prompt = read_npz::<i64>(&reference, &format!("prompt_{p}"));
+            let a = greedy(&full, prompt.as_slice().unwrap(), 16);
+            let b = greedy(&tiny, prompt.as_slice().unwrap(), 16);
+            assert_eq!(a, b, "{arch} prompt {p}");
+        }
+        let s = tiny.cache_stats().unwrap();
+        let one_expert = 3 * 64 * 32 + 2 * (64 + 32) * 4 * 2; // upper bound of one tiny expert
+        assert!(
+            s.budget_bytes as usize <= one_expert,
+            "{arch}: budget {} is one expert",
+            s.budget_bytes
+        );
+        assert!(s.misses > 0 && s.evictions > 0, "{arch}: {s:?}");
+        assert!(
+            s.peak_resident_bytes <= s.budget_bytes,
+            "{arch}: peak {} > budget {}",
+            s.peak_resident_bytes,
+            s.budget_bytes
+        );
+        let f = full.cache_stats().unwrap();
+        assert_eq!(f.evictions, 0);
+        assert!(f.hits > 0 && f.peak_resident_bytes <= f.budget_bytes);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+// ---- damaged files -------------------------------------------------------------------------
+
+fn packed_tiny(name: &str) -> PathBuf {
+    pack(
+        &fixtures().join("hf-moe-kv/mixtral/model.onnx"),
+        name,
+        ExpertFormat::Int8,
+    )
+}
+
+fn open_err(dir: &Path, verify: bool) -> Error {
+    Model::load(
+        dir,
+        LoadOptions {
+            verify,
+            ..Default::default()
+        },
+    )
+    .map(|_| ())
+    .unwrap_err()
+}
+
+fn table(dir: &Path) -> (Vec<u8>, Header, Vec<Entry>) {
+    let bytes = std::fs::read(dir.join("experts.bin")).unwrap();
+    let header = Header::decode(&bytes).unwrap();
+    let t0 = header.table_offset as usize;
+    let entries = (0..header.entry_count as usize)
+        .map(|i| {
+            Entry::decode(&bytes[t0 + i * ENTRY_BYTES..t0 + (i + 1) * ENTRY_BYTES], i).unwrap()
+        })
+        .collect();
+    (bytes, header, entries)
+}
+
+/// Rewrites the table (and its checksums) after changing entries.
+fn write_table(dir: &Path, mut bytes: Vec<u8>, mut header: Header, entries: &[Entry]) {
+    let t: Vec<u8> = entries.iter().flat_map(|e| e.encode()).collect();
+    let t0 = header.table_offset as usize;
+    bytes[t0..t0 + t.len()].copy_from_slice(&t);
+    header.table_crc32 = crc32fast::hash(&t);
+    bytes[..HEADER_BYTES].copy_from_slice(&header.encode());
+    std::fs::write(dir.join("experts.bin"), bytes).unwrap();
+}
+
+#[test]
+fn truncated_expert_file_is_refused_at_open() {
+    let dir = packed_tiny("truncated");
+    let path = dir.join("experts.bin");
+    let bytes = std::fs::read(&path).unwrap();
+    for len in [bytes.len() - 1, bytes.len() / 2, 10] {
+        std::fs::write(&path, &bytes[..len]).unwrap();
+        let err = open_err(&dir, false);
+        assert!(matches!(err, Error::CorruptPack(_)), "{err}");
+        assert!(err.to_string().contains("experts.bin"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn wrong_magic_is_refused() {
+    let dir = packed_tiny("magic");
+    let path = dir.join("experts.bin");
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[0..8].copy_from_slice(b"GGUF\0\0\0\0");
+    std::fs::write(&path, bytes).unwrap();
+    let err = open_err(&dir, false);
+    assert!(err.to_string().contains("wrong magic"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn offset_past_the_end_names_the_expert() {
+    let dir = packed_tiny("offset");
+    let (bytes, header, mut entries) = table(&dir);
+    let victim = entries
+        .iter()
+        .position(|e| e.expert == 5 && e.layer == 1)
+        .unwrap();
+    entries[victim].offset = header.file_bytes - 10;
+    write_table(&dir, bytes, header, &entries);
+    let err = open_err(&dir, false);
+    let msg = err.to_string();
+    assert!(
+        msg.contains("layer 1 expert 5") && msg.contains("outside the data area"),
+        "{msg}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn flipped_byte_inside_an_expert_is_caught_at_load_and_by_verify() {
+    let dir = packed_tiny("flip");
+    let (mut bytes, _, entries) = table(&dir);
+    let e = entries
+        .iter()
+        .find(|e| e.expert != NO_EXPERT)
+        .unwrap()
+        .clone();
+    bytes[(e.offset + e.length / 2) as usize] ^= 0x40;
+    std::fs::write(dir.join("experts.bin"), &bytes).unwrap();
+    // --verify reads every expert at open
+    let err = open_err(&dir, true);
+    assert!(
+        err.to_string()
+            .contains(&format!("layer {} expert {}", e.layer, e.expert))
+            && err.to_string().contains("checksum"),
+        "{err}"
+    );
+    // without it, the damage is found when the expert is first loaded
+    let model = Model::load(&dir, LoadOptions::default()).unwrap();
+    let mut found = None;
+    for t in 3..200i64 {
+        if let Err(err) = Session::new(&model)
+            .unwrap()
+            .feed(&[t, t + 1, t + 2, t + 3])
+        {
+            found = Some(format!("{err}"));
+            break;
+        }
+    }
+    let msg = found.expect("some prompt routes to the damaged expert");
+    assert!(msg.contains("checksum mismatch"), "{msg}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Two sessions generating at once on one packed model share its cache; with the smallest budget
+/// they wait for each other's experts and still give the tokens each gives alone.
+#[test]
+fn concurrent_sessions_share_a_tiny_cache() {
+    let dir = pack(
+        &fixtures().join("hf-moe-kv/qwen2_moe/model.onnx"),
+        "concurrent",
+        ExpertFormat::Int8,
+    );
+    let model = Model::load(
+        &dir,
+        LoadOptions {
+            expert_cache_mb: Some(0),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let reference = fixtures().join("hf-moe-kv/qwen2_moe/reference.npz");
+    let prompts: Vec<Vec<i64>> = (0..3)
+        .map(|p| {
+            read_npz::<i64>(&reference, &format!("prompt_{p}"))
+                .iter()
+                .copied()
+                .collect()
+        })
+        .collect();
+    let alone: Vec<Vec<i64>> = prompts.iter().map(|p| greedy(&model, p, 12)).collect();
+    let together: Vec<Vec<i64>> = std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| s.spawn(|| greedy(&model, p, 12)))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    assert_eq!(alone, together);
+    let stats = model.cache_stats().unwrap();
+    assert!(stats.peak_resident_bytes <= stats.budget_bytes);
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,0 +1,445 @@
+//! `moe-edge pack`: writes a self-contained model directory with the rewritten graph (dense
+//! weights only), one expert file, a manifest and the tokenizer/config files.
+
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::format::{
+    align_up, Entry, Header, TensorFormat, TensorKind, ENTRY_BYTES, HEADER_BYTES, NO_EXPERT,
+    TENSOR_ALIGN,
+};
+use super::manifest::{
+    DenseLayer, ExpertFormat, Manifest, PackLayer, SourceInfo, EXPERT_FILE, FORMAT_NAME,
+    FORMAT_VERSION, MANIFEST_FILE,
+};
+use crate::error::{Error, Result};
+use crate::files::ModelFiles;
+use crate::kernels::q8::{q8_bytes, quantize, scale_type_for, ScaleType};
+use crate::kernels::BLOCK;
+use crate::moe::expert::DenseExpert;
+use crate::moe::Activation;
+use crate::onnx::pack_graph::{constant_matmuls, write_packed_graph};
+use crate::onnx::{import_model, DetectOptions};
+
+/// Default alignment of each expert: a multiple of 4 KiB, 16 KiB (Raspberry Pi 5) and
+/// 64 KiB page kernels.
+pub const DEFAULT_ALIGN: u64 = 64 * 1024;
+
+#[derive(Debug, Clone)]
+pub struct PackOptions {
+    pub experts: ExpertFormat,
+    /// Block scales of int8 experts: f16 (default) or f32.
+    pub int8_scales: ScaleType,
+    pub alignment: u64,
+    pub dense_fallback: bool,
+    /// Also store the dense linear layers (MatMul by a constant weight: attention projections,
+    /// LM head) as int8, computed by the int8 kernels.
+    pub dense_int8: bool,
+}
+
+impl Default for PackOptions {
+    fn default() -> Self {
+        PackOptions {
+            experts: ExpertFormat::Int8,
+            int8_scales: ScaleType::F16,
+            alignment: DEFAULT_ALIGN,
+            dense_fallback: false,
+            dense_int8: false,
+        }
+    }
+}
+
+/// What was written.
+#[derive(Debug, Clone)]
+pub struct PackSummary {
+    pub out_dir: PathBuf,
+    pub layers: usize,
+    pub experts: usize,
+    pub expert_file_bytes: u64,
+    pub tensors_with_f32_scales: usize,
+}
+
+/// A tensor to write: its table entry (offset filled by the layout) and its f32 values.
+struct Planned<'a> {
+    entry: Entry,
+    values: std::borrow::Cow<'a, [f32]>,
+}
+
+/// Packs the model at `src` into `out`.
+pub fn pack_model(src: &Path, out: &Path, opts: &PackOptions) -> Result<PackSummary> {
+    pack_model_with_progress(src, out, opts, &mut |_, _| {})
+}
+
+/// [`pack_model`], calling `progress(done, total)` after each group of tensors is written.
+pub fn pack_model_with_progress(
+    src: &Path,
+    out: &Path,
+    opts: &PackOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PackSummary> {
+    if !opts.alignment.is_power_of_two() || opts.alignment < TENSOR_ALIGN {
+        return Err(Error::InvalidInput(format!(
+            "alignment {} must be a power of two >= {TENSOR_ALIGN}",
+            opts.alignment
+        )));
+    }
+    let files = ModelFiles::resolve(src)?;
+    let imported = import_model(
+        &files.onnx,
+        DetectOptions {
+            dense_fallback: opts.dense_fallback,
+            literal: false,
+        },
+    )?;
+    if imported.layers.is_empty() {
+        return Err(Error::UnsupportedGraph(format!(
+            "{}: no MoE block to pack",
+            files.onnx.display()
+        )));
+    }
+    for b in &imported.blocks {
+        let s = &b.spec;
+        if s.router_bias || s.expert_bias || s.activation != Activation::SiluGated {
+            return Err(Error::UnsupportedGraph(format!(
+                "layer {}: the pack format does not store router biases, expert biases or a {} activation yet",
+                s.layer, s.activation
+            )));
+        }
+    }
+    std::fs::create_dir_all(out).map_err(Error::io(out))?;
+
+    // 1. experts as f32, then the table: every tensor with its format and shape
+    let mut dense: Vec<Vec<DenseExpert>> = vec![];
+    for layer in &imported.layers {
+        dense.push(
+            (0..layer.spec.experts)
+                .map(|e| layer.experts.to_dense(e))
+                .collect::<Result<_>>()?,
+        );
+    }
+    let dense_layers = if opts.dense_int8 {
+        constant_matmuls(&imported, &files.dir)?
+    } else {
+        vec![]
+    };
+    let mut plan: Vec<Vec<Planned>> = vec![]; // groups placed at `alignment` boundaries
+    for (di, d) in dense_layers.iter().enumerate() {
+        let format = fmt(
+            &PackOptions {
+                experts: ExpertFormat::Int8,
+                ..opts.clone()
+            },
+            &d.weight_out_in,
+            d.in_features,
+        );
+        plan.push(vec![planned(
+            di as u32,
+            NO_EXPERT,
+            TensorKind::Dense,
+            format,
+            d.out_features,
+            d.in_features,
+            &d.weight_out_in,
+        )]);
+    }
+    for (li, layer) in imported.layers.iter().enumerate() {
+        let li = li as u32;
+        let (h, e_count) = (layer.spec.hidden, layer.spec.experts);
+        let mut layer_group = vec![planned(
+            li,
+            NO_EXPERT,
+            TensorKind::Router,
+            TensorFormat::F32,
+            e_count,
+            h,
+            &layer.router.weights,
+        )];
+        if let Some(s) = &layer.shared {
+            let f = s.ffn.ffn();
+            layer_group.push(planned(
+                li,
+                NO_EXPERT,
+                TensorKind::SharedGateProj,
+                fmt(opts, &s.ffn.gate.values, h),
+                f,
+                h,
+                &s.ffn.gate.values,
+            ));
+            layer_group.push(planned(
+                li,
+                NO_EXPERT,
+                TensorKind::SharedUpProj,
+                fmt(opts, &s.ffn.up.values, h),
+                f,
+                h,
+                &s.ffn.up.values,
+            ));
+            layer_group.push(planned(
+                li,
+                NO_EXPERT,
+                TensorKind::SharedDownProj,
+                fmt(opts, &s.ffn.down.values, f),
+                h,
+                f,
+                &s.ffn.down.values,
+            ));
+            layer_group.push(planned(
+                li,
+                NO_EXPERT,
+                TensorKind::SharedGate,
+                TensorFormat::F32,
+                1,
+                h,
+                &s.gate,
+            ));
+        }
+        plan.push(layer_group);
+        for (e, x) in dense[li as usize].iter().enumerate() {
+            let e = e as u32;
+            let f = x.ffn();
+            plan.push(vec![
+                planned(
+                    li,
+                    e,
+                    TensorKind::Gate,
+                    fmt(opts, &x.gate.values, h),
+                    f,
+                    h,
+                    &x.gate.values,
+                ),
+                planned(
+                    li,
+                    e,
+                    TensorKind::Up,
+                    fmt(opts, &x.up.values, h),
+                    f,
+                    h,
+                    &x.up.values,
+                ),
+                planned(
+                    li,
+                    e,
+                    TensorKind::Down,
+                    fmt(opts, &x.down.values, f),
+                    h,
+                    f,
+                    &x.down.values,
+                ),
+            ]);
+        }
+    }
+    let count: usize = plan.iter().map(|g| g.len()).sum();
+    let table_offset = HEADER_BYTES as u64;
+    let data_offset = align_up(table_offset + (count * ENTRY_BYTES) as u64, opts.alignment);
+    let mut cursor = data_offset;
+    for group in plan.iter_mut() {
+        cursor = align_up(cursor, opts.alignment);
+        for t in group.iter_mut() {
+            cursor = align_up(cursor, TENSOR_ALIGN);
+            t.entry.offset = cursor;
+            cursor += t.entry.length;
+        }
+    }
+    let file_bytes = cursor;
+
+    // 2. the expert file
+    let expert_path = out.join(EXPERT_FILE);
+    let file = File::create(&expert_path).map_err(Error::io(&expert_path))?;
+    file.set_len(file_bytes).map_err(Error::io(&expert_path))?;
+    let groups = plan.len();
+    let mut entries = Vec::with_capacity(count);
+    for (done, group) in plan.iter_mut().enumerate() {
+        for t in group.iter_mut() {
+            let bytes = encode(
+                &t.values,
+                t.entry.format,
+                t.entry.rows as usize,
+                t.entry.cols as usize,
+            );
+            debug_assert_eq!(bytes.len() as u64, t.entry.length);
+            t.entry.crc32 = crc32fast::hash(&bytes);
+            file.write_all_at(&bytes, t.entry.offset)
+                .map_err(Error::io(&expert_path))?;
+            entries.push(t.entry.clone());
+        }
+        progress(done + 1, groups);
+    }
+    let table: Vec<u8> = entries.iter().flat_map(|e| e.encode()).collect();
+    let header = Header {
+        alignment: opts.alignment as u32,
+        entry_count: count as u32,
+        table_offset,
+        data_offset,
+        file_bytes,
+        table_crc32: crc32fast::hash(&table),
+    };
+    file.write_all_at(&header.encode(), 0)
+        .map_err(Error::io(&expert_path))?;
+    file.write_all_at(&table, table_offset)
+        .map_err(Error::io(&expert_path))?;
+    file.sync_all().map_err(Error::io(&expert_path))?;
+
+    // 3. the graph, with each MoE node naming its manifest layer
+    write_packed_graph(&imported, &dense_layers, &files.dir, out)?;
+
+    // 4. manifest and companions
+    let layers = imported
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(li, l)| PackLayer {
+            spec: l.spec.clone(),
+            form: imported
+                .blocks
+                .get(li)
+                .map(|b| b.form.to_string())
+                .unwrap_or_default(),
+            expert_file_bytes: entries
+                .iter()
+                .filter(|e| {
+                    e.layer == li as u32 && e.expert != NO_EXPERT && e.kind != TensorKind::Dense
+                })
+                .map(|e| e.length)
+                .sum(),
+        })
+        .collect();
+    let manifest = Manifest {
+        format: FORMAT_NAME.into(),
+        version: FORMAT_VERSION,
+        source: source_info(&files)?,
+        experts: opts.experts,
+        block_size: BLOCK,
+        alignment: opts.alignment,
+        expert_file: EXPERT_FILE.into(),
+        expert_cache_mb: None,
+        layers,
+        dense: dense_layers
+            .iter()
+            .map(|d| DenseLayer {
+                name: d.initializer.clone(),
+                in_features: d.in_features,
+                out_features: d.out_features,
+            })
+            .collect(),
+    };
+    let manifest_path = out.join(MANIFEST_FILE);
+    std::fs::write(
+        &manifest_path,
+        serde_json::to_string_pretty(&manifest).expect("manifest serialises"),
+    )
+    .map_err(Error::io(&manifest_path))?;
+    for name in [
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "config.json",
+        "generation_config.json",
+    ] {
+        if let Some(p) = files.sibling(name) {
+            let dst = out.join(name);
+            std::fs::copy(&p, &dst).map_err(Error::io(&p))?;
+            let mut perms = std::fs::metadata(&dst)
+                .map_err(Error::io(&dst))?
+                .permissions();
+            #[allow(clippy::permissions_set_readonly_false)]
+            perms.set_readonly(false);
+            std::fs::set_permissions(&dst, perms).map_err(Error::io(&dst))?;
+        }
+    }
+    Ok(PackSummary {
+        out_dir: out.to_path_buf(),
+        layers: imported.layers.len(),
+        experts: dense.iter().map(|d| d.len()).sum(),
+        expert_file_bytes: file_bytes,
+        tensors_with_f32_scales: entries
+            .iter()
+            .filter(|e| e.format == TensorFormat::Q8F32Scales)
+            .count(),
+    })
+}
+
+fn planned(
+    layer: u32,
+    expert: u32,
+    kind: TensorKind,
+    format: TensorFormat,
+    rows: usize,
+    cols: usize,
+    values: &[f32],
+) -> Planned<'_> {
+    let length = format.bytes(rows, cols) as u64;
+    Planned {
+        entry: Entry {
+            layer,
+            expert,
+            kind,
+            format,
+            rows: rows as u32,
+            cols: cols as u32,
+            offset: 0,
+            length,
+            crc32: 0,
+        },
+        values: values.into(),
+    }
+}
+
+/// Storage format of one matrix: int8 packs use f16 scales unless the matrix needs f32 ones.
+fn fmt(opts: &PackOptions, w: &[f32], cols: usize) -> TensorFormat {
+    match opts.experts {
+        ExpertFormat::F32 => TensorFormat::F32,
+        ExpertFormat::F16 => TensorFormat::F16,
+        ExpertFormat::Int8 => match scale_type_for(w, cols, opts.int8_scales) {
+            ScaleType::F16 => TensorFormat::Q8F16Scales,
+            ScaleType::F32 => TensorFormat::Q8F32Scales,
+        },
+    }
+}
+
+fn encode(values: &[f32], format: TensorFormat, rows: usize, cols: usize) -> Vec<u8> {
+    match format {
+        TensorFormat::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        TensorFormat::F16 => values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect(),
+        TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales => {
+            let st = format.scale_type().expect("q8 format");
+            let mut out = vec![0u8; q8_bytes(rows, cols, st)];
+            quantize(values, rows, cols, st, &mut out);
+            out
+        }
+    }
+}
+
+/// SHA-256 over the source graph and its external data files.
+fn source_info(files: &ModelFiles) -> Result<SourceInfo> {
+    let mut hasher = Sha256::new();
+    let mut bytes = 0u64;
+    let mut paths = vec![files.onnx.clone()];
+    let data = files.onnx.with_extension("onnx.data");
+    if data.is_file() {
+        paths.push(data);
+    }
+    for p in paths {
+        let mut f = File::open(&p).map_err(Error::io(&p))?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf).map_err(Error::io(&p))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            bytes += n as u64;
+        }
+    }
+    let digest = hasher.finalize();
+    Ok(SourceInfo {
+        file: files.onnx.display().to_string(),
+        sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
+        bytes,
+    })
+}

@@ -1,0 +1,122 @@
+//! KV-cache generation against torch: same 16 greedy tokens for every prompt, and per-step
+//! logits within tolerance, for the HF-exporter and legacy exports of every supported arch.
+
+use crate::sampling::argmax;
+use crate::test_support::*;
+use crate::{GenerateParams, Generator, LoadOptions, Model, Session};
+
+/// The HF-exporter or legacy KV-cache export of `arch`.
+fn kv_export(arch: &str, legacy: bool) -> std::path::PathBuf {
+    let dir = fixtures().join("hf-moe-kv").join(arch);
+    if legacy {
+        dir.join("legacy/model.onnx")
+    } else {
+        dir.join("model.onnx")
+    }
+}
+
+fn check_kv(arch: &str, legacy: bool) {
+    let dir = fixtures().join("hf-moe-kv").join(arch);
+    let model = Model::load(&kv_export(arch, legacy), LoadOptions::default()).unwrap();
+    assert!(model.has_kv_cache(), "{arch}: KV-cache interface detected");
+    assert_eq!(model.blocks().len(), 2);
+    let plan = model.plan(1).unwrap();
+    assert!(
+        plan.inputs
+            .iter()
+            .all(|i| !i.starts_with("past_key_values")),
+        "{arch}: cache folded into state: {:?}",
+        plan.inputs
+    );
+    let reference = dir.join("reference.npz");
+    for p in 0..3 {
+        let prompt = read_npz::<i64>(&reference, &format!("prompt_{p}"));
+        let tokens = read_npz::<i64>(&reference, &format!("tokens_{p}"));
+        let ref_logits = read_npz::<f32>(&reference, &format!("logits_{p}"));
+        let vocab = ref_logits.shape()[1];
+        let mut session = Session::new(&model).unwrap();
+        let mut logits = session.feed(prompt.as_slice().unwrap()).unwrap();
+        for (step, &want) in tokens.iter().enumerate() {
+            let expected = &ref_logits.as_slice().unwrap()[step * vocab..(step + 1) * vocab];
+            let diff = max_abs_diff(&logits, expected);
+            assert!(
+                diff < TOL,
+                "{arch} prompt {p} step {step}: max abs logit diff {diff}"
+            );
+            let next = argmax(&logits) as i64;
+            assert_eq!(next, want, "{arch} prompt {p} step {step}");
+            logits = session.feed(&[next]).unwrap();
+        }
+        assert_eq!(session.tokens().len(), prompt.len() + tokens.len());
+    }
+}
+
+macro_rules! kv_test {
+    ($name:ident, $arch:literal, $legacy:literal) => {
+        #[test]
+        fn $name() {
+            check_kv($arch, $legacy);
+        }
+    };
+}
+
+kv_test!(mixtral_hf_exporter, "mixtral", false);
+kv_test!(mixtral_legacy, "mixtral", true);
+kv_test!(olmoe_hf_exporter, "olmoe", false);
+kv_test!(olmoe_legacy, "olmoe", true);
+kv_test!(qwen2_moe_hf_exporter, "qwen2_moe", false);
+kv_test!(qwen2_moe_legacy, "qwen2_moe", true);
+kv_test!(qwen3_moe_hf_exporter, "qwen3_moe", false);
+kv_test!(qwen3_moe_legacy, "qwen3_moe", true);
+kv_test!(granitemoe_hf_exporter, "granitemoe", false);
+kv_test!(granitemoe_legacy, "granitemoe", true);
+
+/// A graph without a KV cache generates too, by re-running the sequence: same tokens as the
+/// KV-cache export of the same checkpoint.
+#[test]
+fn plain_graph_generates_by_rerunning() {
+    let plain = Model::load(
+        &fixtures().join("hf-moe/models/mixtral/dynamo_batched/model.onnx"),
+        LoadOptions::default(),
+    )
+    .unwrap();
+    assert!(!plain.has_kv_cache());
+    let reference = fixtures().join("hf-moe-kv/mixtral/reference.npz");
+    let prompt = read_npz::<i64>(&reference, "prompt_1");
+    let tokens = read_npz::<i64>(&reference, "tokens_1");
+    let params = GenerateParams {
+        max_tokens: 16,
+        ..Default::default()
+    };
+    let mut generator = Generator::new(&plain, params).unwrap();
+    let out = generator
+        .generate(prompt.as_slice().unwrap(), |_| crate::Flow::Continue)
+        .unwrap();
+    assert_eq!(
+        out.generated_ids,
+        tokens.iter().copied().collect::<Vec<_>>()
+    );
+}
+
+/// One forward pass over a batch with an empty past (the `logits` command on a KV-cache graph):
+/// the KV exports have the weights of the kit's plain exports, so torch's logits apply.
+#[test]
+fn kv_graphs_give_torch_logits_for_batches_with_empty_past() {
+    for arch in ARCHS {
+        for legacy in [false, true] {
+            let model = Model::load(&kv_export(arch, legacy), LoadOptions::default()).unwrap();
+            for i in 0..5 {
+                let ids =
+                    read_npy::<i64>(&fixtures().join(format!("hf-moe/inputs/input_ids_{i}.npy")));
+                let (logits, _) = model
+                    .logits(ids.as_slice().unwrap(), ids.shape()[0])
+                    .unwrap();
+                let torch = read_npy::<f32>(
+                    &fixtures().join(format!("hf-moe/models/{arch}/torch_logits_{i}.npy")),
+                );
+                let diff = max_abs_diff(&logits, torch.as_slice().unwrap());
+                assert!(diff < TOL, "{arch} (legacy {legacy}) input {i}: {diff}");
+            }
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! Text in and out: the model's `tokenizer.json` (through `tokenizers`), incremental decoding
+//! for streaming, and the chat template's source as the model ships it.
+
+use std::path::Path;
+
+use crate::error::{Error, Result};
+
+/// The model's tokenizer.
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+}
+
+impl std::fmt::Debug for Tokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tokenizer({} tokens)", self.inner.get_vocab_size(true))
+    }
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        Ok(Tokenizer { inner })
+    }
+
+    /// Wraps a tokenizer built in code.
+    pub fn from_tokenizers(inner: tokenizers::Tokenizer) -> Self {
+        Tokenizer { inner }
+    }
+
+    /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds.
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        let enc = self
+            .inner
+            .encode(text, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// Text of `ids`, special tokens left out.
+    pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        let ids = ids
+            .iter()
+            .map(|&i| {
+                u32::try_from(i).map_err(|_| Error::Tokenizer(format!("token id {i} is negative")))
+            })
+            .collect::<Result<Vec<u32>>>()?;
+        self.inner
+            .decode(&ids, true)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
+    }
+
+    /// The id of a token of the vocabulary (special tokens included).
+    pub fn token_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(i64::from)
+    }
+}
+
+/// Turns a growing token sequence into text pieces as tokens arrive: each piece is what the new
+/// token adds to the text, an incomplete UTF-8 character held back until the token that completes
+/// it. Only a short window of recent tokens is decoded at each step, so a reply costs linear time
+/// in its length. The pieces, followed by [`finish`](Self::finish), concatenate to the decoded
+/// text of all the tokens.
+#[derive(Debug, Default)]
+pub struct TextStream {
+    ids: Vec<i64>,
+    /// Start of the window decoded to find the new text.
+    prefix_offset: usize,
+    /// End of the tokens whose text has been emitted.
+    read_offset: usize,
+}
+
+impl TextStream {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a token; returns the text it completes (possibly empty).
+    pub fn push(&mut self, tokenizer: &Tokenizer, id: i64) -> Result<String> {
+        self.ids.push(id);
+        self.emit(tokenizer, false)
+    }
+
+    /// The text held back at the end (an incomplete character, as the tokenizer decodes it).
+    pub fn finish(&mut self, tokenizer: &Tokenizer) -> Result<String> {
+        self.emit(tokenizer, true)
+    }
+
+    fn emit(&mut self, tokenizer: &Tokenizer, flush: bool) -> Result<String> {
+        let prefix = tokenizer.decode(&self.ids[self.prefix_offset..self.read_offset])?;
+        let text = tokenizer.decode(&self.ids[self.prefix_offset..])?;
+        let complete = !text.ends_with('\u{FFFD}') || flush;
+        if text.len() > prefix.len() && text.is_char_boundary(prefix.len()) && complete {
+            self.prefix_offset = self.read_offset;
+            self.read_offset = self.ids.len();
+            Ok(text[prefix.len()..].to_string())
+        } else {
+            Ok(String::new())
+        }
+    }
+}
+
+/// A chat template as the model ships it (Jinja source, rendered by the chat layer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChatTemplate {
+    pub source: String,
+    /// Where it came from.
+    pub file: String,
+}
+
+impl ChatTemplate {
+    /// `chat_template.jinja` in `dir`, else the `chat_template` of `tokenizer_config.json` (a
+    /// string, or a list of named templates of which `default` is taken).
+    pub(crate) fn find(dir: &Path) -> Result<Option<Self>> {
+        let jinja = dir.join("chat_template.jinja");
+        if jinja.is_file() {
+            let source = std::fs::read_to_string(&jinja).map_err(Error::io(&jinja))?;
+            return Ok(Some(ChatTemplate {
+                source,
+                file: jinja.display().to_string(),
+            }));
+        }
+        let config = dir.join("tokenizer_config.json");
+        if !config.is_file() {
+            return Ok(None);
+        }
+        let text = std::fs::read_to_string(&config).map_err(Error::io(&config))?;
+        let json: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| Error::ModelLoad {
+                path: config.clone(),
+                reason: format!("invalid tokenizer_config.json: {e}"),
+            })?;
+        let source = match &json["chat_template"] {
+            serde_json::Value::String(s) => Some(s.clone()),
+            serde_json::Value::Array(list) => list
+                .iter()
+                .find(|t| t["name"] == "default")
+                .and_then(|t| t["template"].as_str())
+                .map(str::to_string),
+            _ => None,
+        };
+        Ok(source.map(|source| ChatTemplate {
+            source,
+            file: config.display().to_string(),
+        }))
+    }
+}

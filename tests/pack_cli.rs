@@ -1,0 +1,44 @@
+//! `moe-edge pack` end to end: the packed directory generates through the CLI with a cache.
+
+mod common;
+
+use common::*;
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("moe-edge-pack-cli-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    dir
+}
+
+#[test]
+fn pack_cli_writes_a_model_that_generates() {
+    let out = scratch("cli");
+    let status = moe_edge_cmd()
+        .args([
+            "pack",
+            tiny_model().to_str().unwrap(),
+            "-o",
+            out.to_str().unwrap(),
+            "--experts",
+            "f16",
+        ])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let j = json_output(moe_edge_cmd().args([
+        "generate",
+        "-m",
+        out.to_str().unwrap(),
+        "--prompt",
+        "t10 t20",
+        "--max-tokens",
+        "8",
+        "--json",
+        "--verify",
+        "--expert-cache-mb",
+        "1",
+    ]));
+    assert_cache_keys(&j["cache"]);
+    assert_eq!(j["cache"]["budget_bytes"], 1 << 20);
+    std::fs::remove_dir_all(&out).ok();
+}
