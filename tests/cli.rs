@@ -182,3 +182,45 @@ fn refused_and_broken_models_exit_nonzero_without_panic() {
     assert!(stderr.contains("[batch, seq]"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn generate_stops_at_a_stop_string_without_printing_it() {
+    // torch's greedy tokens after [501] begin t363 t344 t130 (hf-moe-kv/mixtral, prompt 0)
+    let reference = fixtures().join("hf-moe-kv/mixtral/reference.npz");
+    let tokens = read_npz::<i64>(&reference, "tokens_0");
+    let j = json_output(moe_edge_cmd().args([
+        "generate",
+        "-m",
+        &tiny(),
+        "--prompt-ids",
+        "501",
+        "--max-tokens",
+        "16",
+        "--stop",
+        "t130",
+        "--json",
+    ]));
+    assert_eq!(j["stop_reason"], "stop_string");
+    assert_eq!(j["text"], "t363 t344 ");
+    let ids: Vec<i64> = j["generated_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, tokens.iter().take(3).copied().collect::<Vec<_>>());
+    // streamed: the same text on stdout
+    let out = moe_edge(&[
+        "generate",
+        "-m",
+        &tiny(),
+        "--prompt-ids",
+        "501",
+        "--max-tokens",
+        "16",
+        "--stop",
+        "t130",
+    ]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "t363 t344 \n");
+}

@@ -3,6 +3,8 @@
 //! node of moe-edge's sparse op ([`rewrite`]), and hand the rest to tract. Every edit of an ONNX
 //! graph lives here, including the packed model's graph ([`pack_graph`]).
 
+use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, NodeProto};
+
 pub(crate) mod detect;
 pub(crate) mod forms;
 pub(crate) mod graph;
@@ -28,3 +30,33 @@ pub(crate) const LINEAR_OP_TYPE: &str = "MoeEdgeLinearQ8";
 /// ordinal among MoE blocks, the linear layer's among int8 linear layers), also its index in a
 /// pack's manifest.
 pub(crate) const INDEX_ATTR: &str = "index";
+
+/// A moe-edge node of `op_type` computing `output` from `input`, standing for entry `index` of
+/// the model's op table.
+pub(crate) fn moe_edge_node(
+    name: String,
+    op_type: &str,
+    input: &str,
+    output: &str,
+    index: usize,
+) -> NodeProto {
+    NodeProto {
+        name,
+        op_type: op_type.into(),
+        domain: MOE_OP_DOMAIN.into(),
+        input: vec![input.into()],
+        output: vec![output.into()],
+        attribute: vec![int_attr(INDEX_ATTR, index as i64)],
+        ..Default::default()
+    }
+}
+
+/// An integer attribute.
+pub(crate) fn int_attr(name: &str, i: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: AttributeType::Int as i32,
+        i,
+        ..Default::default()
+    }
+}

@@ -6,15 +6,12 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use prost::Message;
-use tract_onnx::pb::{
-    attribute_proto::AttributeType, tensor_proto::DataLocation, AttributeProto,
-    StringStringEntryProto,
-};
+use tract_onnx::pb::{tensor_proto::DataLocation, StringStringEntryProto};
 
 use super::graph::GraphIndex;
 use super::rewrite::ImportedModel;
 use super::tensors::{load_f32, transpose};
-use super::{INDEX_ATTR, LINEAR_OP_TYPE, MOE_OP_DOMAIN};
+use super::{moe_edge_node, LINEAR_OP_TYPE};
 use crate::error::{Error, Result};
 
 /// A `MatMul(x, W)` by a constant f32 weight to store as int8.
@@ -84,20 +81,13 @@ pub(crate) fn write_packed_graph(
             .iter_mut()
             .find(|n| n.output.first() == Some(&d.output))
             .expect("dense candidate node");
-        *node = tract_onnx::pb::NodeProto {
-            name: format!("moe_edge/dense{index}/linear_q8"),
-            op_type: LINEAR_OP_TYPE.into(),
-            domain: MOE_OP_DOMAIN.into(),
-            input: vec![d.input.clone()],
-            output: vec![d.output.clone()],
-            attribute: vec![AttributeProto {
-                name: INDEX_ATTR.into(),
-                r#type: AttributeType::Int as i32,
-                i: index as i64,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
+        *node = moe_edge_node(
+            format!("moe_edge/dense{index}/linear_q8"),
+            LINEAR_OP_TYPE,
+            &d.input,
+            &d.output,
+            index,
+        );
     }
     let moved: std::collections::HashSet<&str> =
         linears.iter().map(|d| d.initializer.as_str()).collect();

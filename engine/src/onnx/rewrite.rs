@@ -6,10 +6,7 @@ use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Arc;
 
-use tract_onnx::pb::{
-    attribute_proto::AttributeType, AttributeProto, GraphProto, ModelProto, NodeProto,
-    OperatorSetIdProto,
-};
+use tract_onnx::pb::{GraphProto, ModelProto, OperatorSetIdProto};
 #[cfg(test)]
 use tract_onnx::prelude::*;
 
@@ -17,7 +14,7 @@ use super::detect::{detect_blocks, DetectOptions};
 use super::forms::{BlockDescription, BlockReport};
 use super::graph::GraphIndex;
 use super::load::load_layer;
-use super::{INDEX_ATTR, MOE_OP_DOMAIN, MOE_OP_TYPE};
+use super::{moe_edge_node, MOE_OP_DOMAIN, MOE_OP_TYPE};
 use crate::error::{Error, Result};
 use crate::moe::layer::MoeLayer;
 
@@ -117,20 +114,13 @@ fn replace_blocks(graph: &mut GraphProto, blocks: &[BlockDescription]) -> usize 
             .iter()
             .position(|n| n.output.contains(&b.output))
             .expect("block output has a producer");
-        graph.node[pos] = NodeProto {
-            name: format!("moe_edge/layer{}/sparse_moe", b.spec.layer),
-            op_type: MOE_OP_TYPE.into(),
-            domain: MOE_OP_DOMAIN.into(),
-            input: vec![b.input.clone()],
-            output: vec![b.output.clone()],
-            attribute: vec![AttributeProto {
-                name: INDEX_ATTR.into(),
-                r#type: AttributeType::Int as i32,
-                i: index as i64,
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
+        graph.node[pos] = moe_edge_node(
+            format!("moe_edge/layer{}/sparse_moe", b.spec.layer),
+            MOE_OP_TYPE,
+            &b.input,
+            &b.output,
+            index,
+        );
     }
     // dead-node elimination, outputs backwards (ONNX nodes are topologically sorted)
     let mut live: HashSet<String> = graph.output.iter().map(|o| o.name.clone()).collect();

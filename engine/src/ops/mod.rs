@@ -12,7 +12,7 @@ mod sparse_moe;
 
 use std::sync::Arc;
 
-use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, GraphProto};
+use tract_onnx::pb::GraphProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
@@ -20,7 +20,7 @@ pub(crate) use linear_q8::Q8Linear;
 pub(crate) use sparse_moe::{set_session_routing, SparseMoeOp};
 
 use crate::moe::layer::MoeLayer;
-use crate::onnx::{INDEX_ATTR, LINEAR_OP_TYPE, MOE_OP_TYPE};
+use crate::onnx::{int_attr, INDEX_ATTR, LINEAR_OP_TYPE, MOE_OP_TYPE};
 use slot::{SlotKind, UnboundSlot};
 
 /// The layers a model's moe-edge nodes stand for, by their `index` attribute.
@@ -111,13 +111,4 @@ impl OpTable {
 /// Registers the builders of moe-edge's node types with a tract ONNX framework.
 pub(crate) fn register(onnx: &mut tract_onnx::Onnx) {
     slot::register(onnx);
-}
-
-fn int_attr(name: &str, i: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: AttributeType::Int as i32,
-        i,
-        ..Default::default()
-    }
 }

@@ -120,3 +120,48 @@ fn kv_graphs_give_torch_logits_for_batches_with_empty_past() {
         }
     }
 }
+
+/// Cutting the KV cache back to a prefix and feeding on gives the logits of a session that was
+/// fed the same tokens from the start, and the observer's positions follow.
+#[test]
+fn truncated_session_continues_like_a_fresh_one() {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default)]
+    struct Positions(Mutex<Vec<usize>>);
+    impl crate::RoutingObserver for Positions {
+        fn on_routing(&self, r: &crate::RoutedTokens<'_>) {
+            if r.layer == 0 {
+                self.0.lock().unwrap().push(r.first_position);
+            }
+        }
+    }
+
+    let model = Model::load(&kv_export("olmoe", false), LoadOptions::default()).unwrap();
+    let history: Vec<i64> = vec![5, 17, 300, 42, 9, 128, 77, 3, 250, 11];
+    let edited: Vec<i64> = vec![60, 61, 62];
+    let mut session = Session::new(&model).unwrap();
+    let positions = Arc::new(Positions::default());
+    session.set_observer(Some(positions.clone()));
+    session.feed(&history[..7]).unwrap();
+    session.feed(&history[7..]).unwrap();
+    session.truncate(6).unwrap();
+    assert_eq!(session.tokens(), &history[..6]);
+    let got = session.feed(&edited).unwrap();
+
+    let mut fresh = Session::new(&model).unwrap();
+    let mut all = history[..6].to_vec();
+    all.extend_from_slice(&edited);
+    let want = fresh.feed(&all).unwrap();
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff < 1e-5, "after truncation: max abs diff {diff}");
+    assert_eq!(*positions.0.lock().unwrap(), vec![0, 7, 6]);
+
+    // reset forgets everything; truncate(0) too
+    session.reset().unwrap();
+    assert!(session.is_empty());
+    let again = session.feed(&all).unwrap();
+    assert!(max_abs_diff(&again, &want) < 1e-5);
+    session.truncate(0).unwrap();
+    assert!(session.is_empty());
+}

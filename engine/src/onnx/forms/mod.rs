@@ -1,7 +1,7 @@
 //! One importer per form in which exporters write MoE blocks, each producing the same
 //! [`BlockDescription`]: where the router, the experts and the shared expert are in the graph,
 //! and what the block computes ([`MoeSpec`]: routing, activation, biases). Loading the weights
-//! ([`super::load`]) and replacing the block ([`super::rewrite`]) do not depend on the form.
+//! (`onnx/load.rs`) and replacing the block (`onnx/rewrite.rs`) do not depend on the form.
 //!
 //! Today: R1 ([`r1_batched`], batched gathers of 3D expert weights). R2, `com.microsoft.MoE` /
 //! `QMoE`, PhiMoE's sparsemixer and GPT-OSS come as further modules here.
