@@ -1,10 +1,12 @@
 //! ONNX import: read the protobuf, find MoE blocks with one importer per form
 //! ([`forms`], dispatched by [`detect`]), load their weights ([`load`]), replace each with one
 //! node of moe-edge's sparse op ([`rewrite`]), and hand the rest to tract. Every edit of an ONNX
-//! graph lives here, including the packed model's graph ([`pack_graph`]).
+//! graph lives here, including the packed model's graph ([`pack_graph`]) and the attributes that
+//! tie moe-edge nodes to a model's op table ([`bind`]).
 
 use tract_onnx::pb::{attribute_proto::AttributeType, AttributeProto, NodeProto};
 
+pub(crate) mod bind;
 pub(crate) mod detect;
 pub(crate) mod forms;
 pub(crate) mod graph;

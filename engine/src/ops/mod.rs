@@ -20,7 +20,6 @@ pub(crate) use linear_q8::Q8Linear;
 pub(crate) use sparse_moe::{set_session_routing, SparseMoeOp};
 
 use crate::moe::layer::MoeLayer;
-use crate::onnx::{int_attr, INDEX_ATTR, LINEAR_OP_TYPE, MOE_OP_TYPE};
 use slot::{SlotKind, UnboundSlot};
 
 /// The layers a model's moe-edge nodes stand for, by their `index` attribute.
@@ -30,54 +29,16 @@ pub(crate) struct OpTable {
     pub linear: Vec<Arc<Q8Linear>>,
 }
 
-/// Attribute names of the index in packs of format 1, still read.
-const V1_INDEX_ATTRS: [&str; 2] = ["pack_layer", "pack_dense"];
-
 impl OpTable {
     /// Checks that every entry has exactly one node in `graph` and every moe-edge node names an
     /// entry, and gives each node the shape attributes its slot needs to be parsed.
     pub fn annotate(&self, graph: &mut GraphProto) -> Result<(), String> {
-        let mut seen_moe = vec![false; self.moe.len()];
-        let mut seen_linear = vec![false; self.linear.len()];
-        for node in graph.node.iter_mut() {
-            let (kind, seen, what) = match node.op_type.as_str() {
-                MOE_OP_TYPE => (SlotKind::Moe, &mut seen_moe, "MoE block"),
-                LINEAR_OP_TYPE => (SlotKind::Linear, &mut seen_linear, "int8 linear layer"),
-                _ => continue,
-            };
-            let index = node
-                .attribute
-                .iter()
-                .find(|a| a.name == INDEX_ATTR || V1_INDEX_ATTRS.contains(&a.name.as_str()))
-                .map(|a| a.i)
-                .filter(|&i| i >= 0 && (i as usize) < seen.len())
-                .ok_or_else(|| {
-                    format!(
-                        "node '{}' names no {what} of the model (it has {})",
-                        node.name,
-                        seen.len()
-                    )
-                })? as usize;
-            if std::mem::replace(&mut seen[index], true) {
-                return Err(format!("{what} {index} has two nodes in the graph"));
-            }
-            let mut attrs = vec![int_attr(INDEX_ATTR, index as i64)];
-            if kind == SlotKind::Linear {
-                let l = &self.linear[index];
-                attrs.push(int_attr(slot::IN_FEATURES_ATTR, l.in_features as i64));
-                attrs.push(int_attr(slot::OUT_FEATURES_ATTR, l.out_features as i64));
-            }
-            node.attribute = attrs;
-        }
-        for (seen, what) in [
-            (&seen_moe, "MoE block"),
-            (&seen_linear, "int8 linear layer"),
-        ] {
-            if let Some(missing) = seen.iter().position(|s| !s) {
-                return Err(format!("{what} {missing} has no node in the graph"));
-            }
-        }
-        Ok(())
+        let linear: Vec<(usize, usize)> = self
+            .linear
+            .iter()
+            .map(|l| (l.in_features, l.out_features))
+            .collect();
+        crate::onnx::bind::annotate_nodes(graph, self.moe.len(), &linear)
     }
 
     /// Replaces every unbound slot of `model` by the op of its table entry.

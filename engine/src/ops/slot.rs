@@ -5,10 +5,8 @@ use tract_onnx::pb::NodeProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
+use crate::onnx::bind::{IN_FEATURES_ATTR, OUT_FEATURES_ATTR};
 use crate::onnx::{INDEX_ATTR, LINEAR_OP_TYPE, MOE_OP_DOMAIN, MOE_OP_TYPE};
-
-pub(super) const IN_FEATURES_ATTR: &str = "in_features";
-pub(super) const OUT_FEATURES_ATTR: &str = "out_features";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum SlotKind {
