@@ -1,6 +1,6 @@
 //! Packed models: experts quantised into one expert file that is read on demand through a
-//! byte-budget cache, next to the rewritten graph and a manifest. Writing ([`writer`]), the file
-//! format ([`format`], [`file`]), the manifest and the cache each have their module; this one
+//! byte-budget cache, next to the rewritten graph and a manifest. Writing (`writer.rs`), the file
+//! format (`format.rs`, `file.rs`), the manifest and the cache each have their module; this one
 //! opens a pack into the layers its graph names.
 
 pub(crate) mod cache;
