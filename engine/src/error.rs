@@ -36,6 +36,10 @@ pub enum Error {
     #[error("corrupt pack: {0}")]
     CorruptPack(String),
 
+    /// A chat template that cannot be rendered: the construct and its line.
+    #[error("chat template {file}: {message}")]
+    Template { file: String, message: String },
+
     /// Tokenizer missing or failing.
     #[error("tokenizer: {0}")]
     Tokenizer(String),

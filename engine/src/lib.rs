@@ -28,6 +28,7 @@
 //! # Ok::<(), moe_edge_engine::Error>(())
 //! ```
 
+mod chat;
 mod config;
 mod error;
 mod files;
@@ -45,6 +46,7 @@ mod tokenizer;
 #[path = "../../tests/common/fixtures.rs"]
 mod test_support;
 
+pub use chat::{ChatMessage, ChatTemplate, Conversation};
 pub use config::ModelConfig;
 pub use error::{Error, Result};
 pub use generate::{
@@ -55,7 +57,7 @@ pub use moe::{Activation, MoeSpec, RoutedTokens, Routing, RoutingObserver};
 pub use onnx::forms::BlockReport;
 pub use sampling::{Sampler, SamplingParams};
 pub use session::Session;
-pub use tokenizer::{ChatTemplate, TextStream, Tokenizer};
+pub use tokenizer::{TextStream, Tokenizer};
 
 /// The int8 kernels (a crate of their own: they know nothing about models).
 pub use moe_edge_kernels as kernels;

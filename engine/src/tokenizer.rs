@@ -1,5 +1,5 @@
-//! Text in and out: the model's `tokenizer.json` (through `tokenizers`), incremental decoding
-//! for streaming, and the chat template's source as the model ships it.
+//! Text in and out: the model's `tokenizer.json` (through `tokenizers`) and incremental decoding
+//! for streaming.
 
 use std::path::Path;
 
@@ -50,6 +50,26 @@ impl Tokenizer {
             .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 
+    /// Token ids of `text` as it is, special tokens written in it included, without the ones the
+    /// post-processor would add (a rendered chat template already has them).
+    pub fn encode_raw(&self, text: &str) -> Result<Vec<i64>> {
+        let enc = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+    }
+
+    /// Whether `id` is a special token (an added token marked special, such as `<|im_end|>`).
+    pub fn is_special(&self, id: i64) -> bool {
+        u32::try_from(id).is_ok_and(|id| {
+            self.inner
+                .get_added_tokens_decoder()
+                .get(&id)
+                .is_some_and(|t| t.special)
+        })
+    }
+
     /// The id of a token of the vocabulary (special tokens included).
     pub fn token_id(&self, token: &str) -> Option<i64> {
         self.inner.token_to_id(token).map(i64::from)
@@ -97,51 +117,5 @@ impl TextStream {
         } else {
             Ok(String::new())
         }
-    }
-}
-
-/// A chat template as the model ships it (Jinja source, rendered by the chat layer).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ChatTemplate {
-    pub source: String,
-    /// Where it came from.
-    pub file: String,
-}
-
-impl ChatTemplate {
-    /// `chat_template.jinja` in `dir`, else the `chat_template` of `tokenizer_config.json` (a
-    /// string, or a list of named templates of which `default` is taken).
-    pub(crate) fn find(dir: &Path) -> Result<Option<Self>> {
-        let jinja = dir.join("chat_template.jinja");
-        if jinja.is_file() {
-            let source = std::fs::read_to_string(&jinja).map_err(Error::io(&jinja))?;
-            return Ok(Some(ChatTemplate {
-                source,
-                file: jinja.display().to_string(),
-            }));
-        }
-        let config = dir.join("tokenizer_config.json");
-        if !config.is_file() {
-            return Ok(None);
-        }
-        let text = std::fs::read_to_string(&config).map_err(Error::io(&config))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| Error::ModelLoad {
-                path: config.clone(),
-                reason: format!("invalid tokenizer_config.json: {e}"),
-            })?;
-        let source = match &json["chat_template"] {
-            serde_json::Value::String(s) => Some(s.clone()),
-            serde_json::Value::Array(list) => list
-                .iter()
-                .find(|t| t["name"] == "default")
-                .and_then(|t| t["template"].as_str())
-                .map(str::to_string),
-            _ => None,
-        };
-        Ok(source.map(|source| ChatTemplate {
-            source,
-            file: config.display().to_string(),
-        }))
     }
 }

@@ -13,6 +13,7 @@ use std::sync::{Arc, Mutex};
 
 use tract_onnx::pb::ModelProto;
 
+use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::files::ModelFiles;
@@ -22,7 +23,7 @@ use crate::onnx::{import_model, DetectOptions};
 use crate::ops::OpTable;
 use crate::pack::cache::ExpertCache;
 use crate::pack::{is_pack, open_pack, CacheStats, EvictionPolicy, Manifest, PackOpenOptions};
-use crate::tokenizer::{ChatTemplate, Tokenizer};
+use crate::tokenizer::Tokenizer;
 pub use interface::Interface;
 #[cfg(test)]
 pub(crate) use plan::run_imported_graph;
