@@ -224,3 +224,73 @@ fn generate_stops_at_a_stop_string_without_printing_it() {
     assert!(out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stdout), "t363 t344 \n");
 }
+
+/// The tiny model with the chat fixtures' byte-level tokenizer and ChatML template.
+fn chat_model(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("moe-edge-cli-chat-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["model.onnx", "config.json"] {
+        std::fs::copy(tiny_model().join(f), dir.join(f)).unwrap();
+    }
+    let chat = fixtures().join("chat");
+    std::fs::copy(chat.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    std::fs::copy(chat.join("chatml.jinja"), dir.join("chat_template.jinja")).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"eos_token": "<|im_end|>"}"#,
+    )
+    .unwrap();
+    dir
+}
+
+#[test]
+fn chat_answers_a_piped_prompt_like_the_library() {
+    use std::io::Write;
+    let dir = chat_model("pipe");
+    let mut child = moe_edge_cmd()
+        .args(["chat", "-m", dir.to_str().unwrap(), "--max-tokens", "12"])
+        .args(["--system", "Be brief."])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all("Was macht tar? 日本\n".as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let model = moe_edge_engine::Model::load(&dir, Default::default()).unwrap();
+    let mut chat = moe_edge_engine::Conversation::new(&model).unwrap();
+    chat.set_system("Be brief.");
+    let params = moe_edge_engine::GenerateParams {
+        stop_tokens: model.config().eos_token_ids.clone(),
+        ..moe_edge_engine::GenerateParams::for_model(&model, 12)
+    };
+    let want = chat
+        .reply("Was macht tar? 日本", params, |_| {
+            moe_edge_engine::Flow::Continue
+        })
+        .unwrap();
+    assert_eq!(
+        String::from_utf8(out.stdout).unwrap(),
+        format!("{}\n", want.text)
+    );
+    // an empty pipe is a clear error
+    let out = moe_edge_cmd()
+        .args(["chat", "-m", dir.to_str().unwrap()])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    let stderr = assert_clean_failure(&out);
+    assert!(stderr.contains("no prompt"), "{stderr}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions and one module per subcommand.
 
 pub mod bench;
+pub mod chat;
 pub mod generate;
 pub mod info;
 pub mod inspect;
@@ -31,6 +32,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// Generate text from a prompt, streaming it as it comes.
     Generate(generate::GenerateArgs),
+    /// Chat with the model through its chat template (interactive, or one prompt from a pipe).
+    Chat(chat::ChatArgs),
     /// What this CPU supports and which kernels moe-edge chose.
     Info,
     /// Quantise a model's experts into a packed, memory-mapped model directory.
@@ -101,6 +104,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(a) => inspect::run(a),
         Command::Generate(a) => generate::run(a),
+        Command::Chat(a) => chat::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Pack(a) => pack::run(a),

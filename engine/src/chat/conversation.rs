@@ -10,7 +10,7 @@
 
 use crate::chat::template::{ChatMessage, ChatTemplate};
 use crate::error::{Error, Result};
-use crate::generate::{Flow, GenerateParams, Generation, Generator, Step};
+use crate::generate::{CancelHandle, Flow, GenerateParams, Generation, Generator, Step};
 use crate::model::Model;
 use crate::session::Session;
 use crate::tokenizer::Tokenizer;
@@ -38,6 +38,7 @@ pub struct Conversation<'m> {
     messages: Vec<ChatMessage>,
     end_of_turn: Vec<i64>,
     last_prefill: usize,
+    cancel: CancelHandle,
 }
 
 impl<'m> Conversation<'m> {
@@ -59,6 +60,7 @@ impl<'m> Conversation<'m> {
             messages: vec![],
             end_of_turn,
             last_prefill: 0,
+            cancel: CancelHandle::default(),
         })
     }
 
@@ -90,6 +92,11 @@ impl<'m> Conversation<'m> {
     /// Tokens the template ends a turn with (and the model's EOS): a reply stops at them.
     pub fn end_of_turn_tokens(&self) -> &[i64] {
         &self.end_of_turn
+    }
+
+    /// Stops the reply being generated, from any thread (the next turn starts anew).
+    pub fn cancel_handle(&self) -> CancelHandle {
+        self.cancel.clone()
     }
 
     /// How many prompt tokens the last turn fed (the rest came from the cache).
@@ -139,6 +146,7 @@ impl<'m> Conversation<'m> {
             }
         }
         let mut generator = Generator::with_session(self.model, session, params)?;
+        generator.set_cancel_handle(self.cancel.clone());
         let result = generator.generate(&prompt[keep..], on_step);
         match result {
             Ok(generation) => {

@@ -199,6 +199,12 @@ impl<'m> Generator<'m> {
         self.cancel.clone()
     }
 
+    /// Makes `handle` the one that stops this generator (one handle can serve the generators of
+    /// successive turns).
+    pub fn set_cancel_handle(&mut self, handle: CancelHandle) {
+        self.cancel = handle;
+    }
+
     /// Feeds `prompt` after what the session holds and gets ready to generate; clears the
     /// output of a previous generation (and a previous cancellation).
     pub fn start(&mut self, prompt: &[i64]) -> Result<()> {
