@@ -2,6 +2,7 @@
 
 mod cli;
 mod procstats;
+mod serve;
 
 use clap::Parser;
 

@@ -7,6 +7,7 @@ pub mod info;
 pub mod inspect;
 pub mod logits;
 pub mod pack;
+pub mod serve;
 
 use std::path::PathBuf;
 
@@ -34,6 +35,8 @@ pub enum Command {
     Generate(generate::GenerateArgs),
     /// Chat with the model through its chat template (interactive, or one prompt from a pipe).
     Chat(chat::ChatArgs),
+    /// Serve the model over an OpenAI-compatible HTTP API (chat and text completions).
+    Serve(serve::ServeArgs),
     /// What this CPU supports and which kernels moe-edge chose.
     Info,
     /// Quantise a model's experts into a packed, memory-mapped model directory.
@@ -105,6 +108,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Chat(a) => chat::run(a),
+        Command::Serve(a) => serve::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Pack(a) => pack::run(a),

@@ -51,7 +51,7 @@ impl<'m> Conversation<'m> {
             file: model.path().display().to_string(),
             message: "the model has no chat template (chat_template.jinja, or chat_template in tokenizer_config.json)".into(),
         })?;
-        let end_of_turn = end_of_turn_tokens(template, tokenizer)?;
+        let end_of_turn = template.end_of_turn_tokens(tokenizer)?;
         Ok(Conversation {
             model,
             template,
@@ -194,39 +194,4 @@ impl<'m> Conversation<'m> {
             }
         }
     }
-}
-
-/// The special token the template ends an assistant turn with (found by rendering one
-/// exchange), and the template's EOS.
-fn end_of_turn_tokens(template: &ChatTemplate, tokenizer: &Tokenizer) -> Result<Vec<i64>> {
-    const ANSWER: &str = "moe-edge-answer";
-    let question = [ChatMessage::new("user", "moe-edge-question")];
-    let exchange = [question[0].clone(), ChatMessage::new("assistant", ANSWER)];
-    let mut tokens = vec![];
-    if let (Ok(prompt), Ok(full)) = (
-        template.render(&question, true),
-        template.render(&exchange, false),
-    ) {
-        let turn = full.strip_prefix(prompt.as_str()).unwrap_or(&full);
-        if let Some(at) = turn.find(ANSWER) {
-            let after = &turn[at + ANSWER.len()..];
-            if let Some(&t) = tokenizer
-                .encode_raw(after)?
-                .iter()
-                .find(|&&t| tokenizer.is_special(t))
-            {
-                tokens.push(t);
-            }
-        }
-    }
-    if let Some(eos) = template
-        .eos_token
-        .as_deref()
-        .and_then(|e| tokenizer.token_id(e))
-    {
-        if !tokens.contains(&eos) {
-            tokens.push(eos);
-        }
-    }
-    Ok(tokens)
 }

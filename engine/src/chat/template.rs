@@ -11,6 +11,7 @@ use minijinja::{Environment, ErrorKind};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::tokenizer::Tokenizer;
 
 /// One message of a conversation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -118,6 +119,42 @@ impl ChatTemplate {
             eos_token => self.eos_token.clone().unwrap_or_default(),
         };
         template.render(ctx).map_err(fail)
+    }
+
+    /// The special token the template ends an assistant turn with (found by rendering one
+    /// exchange), and the template's EOS: a reply stops at them.
+    pub fn end_of_turn_tokens(&self, tokenizer: &Tokenizer) -> Result<Vec<i64>> {
+        let template = self;
+        const ANSWER: &str = "moe-edge-answer";
+        let question = [ChatMessage::new("user", "moe-edge-question")];
+        let exchange = [question[0].clone(), ChatMessage::new("assistant", ANSWER)];
+        let mut tokens = vec![];
+        if let (Ok(prompt), Ok(full)) = (
+            template.render(&question, true),
+            template.render(&exchange, false),
+        ) {
+            let turn = full.strip_prefix(prompt.as_str()).unwrap_or(&full);
+            if let Some(at) = turn.find(ANSWER) {
+                let after = &turn[at + ANSWER.len()..];
+                if let Some(&t) = tokenizer
+                    .encode_raw(after)?
+                    .iter()
+                    .find(|&&t| tokenizer.is_special(t))
+                {
+                    tokens.push(t);
+                }
+            }
+        }
+        if let Some(eos) = template
+            .eos_token
+            .as_deref()
+            .and_then(|e| tokenizer.token_id(e))
+        {
+            if !tokens.contains(&eos) {
+                tokens.push(eos);
+            }
+        }
+        Ok(tokens)
     }
 }
 

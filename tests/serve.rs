@@ -1,0 +1,399 @@
+//! `moe-edge serve` over real HTTP on loopback: completions as the library computes them,
+//! streaming, OpenAI-style errors for bad requests, a full queue, and a client that leaves
+//! mid-stream. (The official `openai` client is exercised by `tests/server/test_openai.py`.)
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{json, Value};
+
+/// The tiny model with the chat fixtures' byte-level tokenizer and ChatML template.
+fn chat_model(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("moe-edge-serve-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["model.onnx", "config.json"] {
+        std::fs::copy(tiny_model().join(f), dir.join(f)).unwrap();
+    }
+    let chat = fixtures().join("chat");
+    std::fs::copy(chat.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+    std::fs::copy(chat.join("chatml.jinja"), dir.join("chat_template.jinja")).unwrap();
+    std::fs::write(
+        dir.join("tokenizer_config.json"),
+        r#"{"eos_token": "<|im_end|>"}"#,
+    )
+    .unwrap();
+    dir
+}
+
+struct Server {
+    child: Child,
+    addr: String,
+}
+
+impl Server {
+    fn start(dir: &std::path::Path, extra: &[&str]) -> Server {
+        let mut child = moe_edge_cmd()
+            .args([
+                "serve",
+                "-m",
+                dir.to_str().unwrap(),
+                "--addr",
+                "127.0.0.1:0",
+            ])
+            .args(["--model-name", "tiny"])
+            .args(extra)
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut stderr = BufReader::new(child.stderr.take().unwrap());
+        let mut line = String::new();
+        let addr = loop {
+            line.clear();
+            assert!(
+                stderr.read_line(&mut line).unwrap() > 0,
+                "the server exited"
+            );
+            if let Some(a) = line.trim().strip_prefix("listening on http://") {
+                break a.to_string();
+            }
+        };
+        std::thread::spawn(move || std::io::copy(&mut stderr, &mut std::io::sink()));
+        Server { child, addr }
+    }
+
+    fn connect(&self) -> TcpStream {
+        let s = TcpStream::connect(&self.addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+        s
+    }
+
+    /// One request; returns status, body.
+    fn request(&self, method: &str, path: &str, headers: &[&str], body: &[u8]) -> (u16, Vec<u8>) {
+        let mut s = self.connect();
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for h in headers {
+            head.push_str(h);
+            head.push_str("\r\n");
+        }
+        head.push_str("\r\n");
+        s.write_all(head.as_bytes()).unwrap();
+        let _ = s.write_all(body);
+        let mut raw = vec![];
+        s.read_to_end(&mut raw).unwrap();
+        let split = raw
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .expect("a response");
+        let head = String::from_utf8_lossy(&raw[..split]).to_string();
+        let status: u16 = head.split(' ').nth(1).unwrap().parse().unwrap();
+        let mut body = raw[split + 4..].to_vec();
+        if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            body = dechunk(&body);
+        }
+        (status, body)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        let (status, body) = self.request("POST", path, &[], body.to_string().as_bytes());
+        (status, serde_json::from_slice(&body).unwrap_or(Value::Null))
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = vec![];
+    loop {
+        let end = b.windows(2).position(|w| w == b"\r\n").unwrap();
+        let n = usize::from_str_radix(std::str::from_utf8(&b[..end]).unwrap().trim(), 16).unwrap();
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[end + 2..end + 2 + n]);
+        b = &b[end + 2 + n + 2..];
+    }
+}
+
+/// The `data:` payloads of an SSE body.
+fn sse_data(body: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(body)
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: ").map(str::to_string))
+        .collect()
+}
+
+fn library_reply(dir: &std::path::Path, user: &str, max_tokens: usize) -> String {
+    let model = moe_edge_engine::Model::load(dir, Default::default()).unwrap();
+    let mut chat = moe_edge_engine::Conversation::new(&model).unwrap();
+    let params = moe_edge_engine::GenerateParams::for_model(&model, max_tokens);
+    chat.reply(user, params, |_| moe_edge_engine::Flow::Continue)
+        .unwrap()
+        .text
+}
+
+#[test]
+fn completions_stream_and_answer_like_the_library() {
+    let dir = chat_model("answers");
+    let server = Server::start(&dir, &["--parallel", "2"]);
+    let (status, body) = server.request("GET", "/health", &[], b"");
+    assert_eq!(
+        (status, body.as_slice()),
+        (200, br#"{"status":"ok"}"#.as_slice())
+    );
+    let (status, body) = server.request("GET", "/v1/models", &[], b"");
+    assert_eq!(status, 200);
+    assert_eq!(
+        serde_json::from_slice::<Value>(&body).unwrap()["data"][0]["id"],
+        "tiny"
+    );
+
+    let want = library_reply(&dir, "Was macht tar? 日本", 12);
+    let request = json!({"model": "tiny", "messages": [{"role": "user", "content": "Was macht tar? 日本"}],
+                         "max_tokens": 12, "temperature": 0});
+    let (status, j) = server.post("/v1/chat/completions", &request);
+    assert_eq!(status, 200, "{j}");
+    assert_eq!(j["object"], "chat.completion");
+    assert_eq!(j["choices"][0]["message"]["content"], want.as_str());
+    assert_eq!(j["choices"][0]["message"]["role"], "assistant");
+    let usage = &j["usage"];
+    assert_eq!(
+        usage["total_tokens"].as_u64(),
+        Some(
+            usage["prompt_tokens"].as_u64().unwrap() + usage["completion_tokens"].as_u64().unwrap()
+        )
+    );
+
+    // streamed: the deltas make the same text; usage on request; [DONE] last
+    let mut streamed = request.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (status, body) = server.request(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        streamed.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200);
+    let data = sse_data(&body);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let text: String = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(text, want);
+    assert_eq!(chunks.last().unwrap()["usage"], *usage);
+    assert!(chunks
+        .iter()
+        .any(|c| c["choices"][0]["finish_reason"].is_string()));
+
+    // text completion of the same rendered prompt gives the same text
+    let (status, j) = server.post(
+        "/v1/completions",
+        &json!({"prompt": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n", "max_tokens": 5, "temperature": 0}),
+    );
+    assert_eq!(status, 200, "{j}");
+    assert_eq!(j["object"], "text_completion");
+    assert!(j["usage"]["completion_tokens"].as_u64().unwrap() <= 5);
+
+    let (status, body) = server.request("GET", "/metrics", &[], b"");
+    let metrics = String::from_utf8_lossy(&body);
+    assert_eq!(status, 200);
+    assert!(metrics.contains("moe_edge_requests_total 3"), "{metrics}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
+    let dir = chat_model("errors");
+    let server = Server::start(&dir, &["--api-key", "sekrit", "--max-body-bytes", "100000"]);
+    let key: &[&str] = &["Authorization: Bearer sekrit"];
+    let no_key: &[&str] = &[];
+    let wrong_key: &[&str] = &["Authorization: Bearer nope"];
+    let good = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3});
+    // (what, body, headers, status, error code)
+    type Case<'a> = (&'a str, Vec<u8>, &'a [&'a str], u16, &'a str);
+    let cases: Vec<Case> = vec![
+        (
+            "malformed JSON",
+            b"{\"messages\": [".to_vec(),
+            key,
+            400,
+            "invalid_json",
+        ),
+        (
+            "not an object",
+            b"[1, 2]".to_vec(),
+            key,
+            400,
+            "invalid_json",
+        ),
+        (
+            "wrong type",
+            json!({"messages": "hi"}).to_string().into_bytes(),
+            key,
+            400,
+            "invalid_request",
+        ),
+        (
+            "empty messages",
+            json!({"messages": []}).to_string().into_bytes(),
+            key,
+            400,
+            "invalid_messages",
+        ),
+        (
+            "huge max_tokens",
+            json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1_000_000})
+                .to_string()
+                .into_bytes(),
+            key,
+            400,
+            "invalid_max_tokens",
+        ),
+        (
+            "negative temperature",
+            json!({"messages": [{"role": "user", "content": "hi"}], "temperature": -1})
+                .to_string()
+                .into_bytes(),
+            key,
+            400,
+            "invalid_temperature",
+        ),
+        (
+            "n = 2",
+            json!({"messages": [{"role": "user", "content": "hi"}], "n": 2})
+                .to_string()
+                .into_bytes(),
+            key,
+            400,
+            "invalid_n",
+        ),
+        (
+            "unknown model",
+            json!({"model": "gpt-9", "messages": [{"role": "user", "content": "hi"}]})
+                .to_string()
+                .into_bytes(),
+            key,
+            404,
+            "model_not_found",
+        ),
+        (
+            "over the context",
+            json!({"messages": [{"role": "user", "content": "x".repeat(600)}]})
+                .to_string()
+                .into_bytes(),
+            key,
+            400,
+            "context_length_exceeded",
+        ),
+        (
+            "body over the limit",
+            vec![b' '; 200_000],
+            key,
+            413,
+            "body_too_large",
+        ),
+        (
+            "no API key",
+            good.to_string().into_bytes(),
+            no_key,
+            401,
+            "invalid_api_key",
+        ),
+        (
+            "wrong API key",
+            good.to_string().into_bytes(),
+            wrong_key,
+            401,
+            "invalid_api_key",
+        ),
+    ];
+    for (what, body, headers, status, code) in cases {
+        let (got, body) = server.request("POST", "/v1/chat/completions", headers, &body);
+        let j: Value = serde_json::from_slice(&body)
+            .unwrap_or_else(|_| panic!("{what}: not JSON: {}", String::from_utf8_lossy(&body)));
+        assert_eq!(got, status, "{what}: {j}");
+        assert_eq!(j["error"]["code"], code, "{what}: {j}");
+        assert!(
+            j["error"]["message"]
+                .as_str()
+                .is_some_and(|m| !m.is_empty()),
+            "{what}"
+        );
+    }
+    let (status, body) = server.request(
+        "POST",
+        "/v1/chat/completions",
+        key,
+        good.to_string().as_bytes(),
+    );
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn a_full_queue_answers_429_and_a_client_leaving_mid_stream_frees_its_session() {
+    let dir = chat_model("queue");
+    let server = Server::start(&dir, &["--parallel", "1", "--queue", "0"]);
+    // a streaming request whose client does not read: the session stays busy on it
+    let long = json!({"messages": [{"role": "user", "content": "go"}], "max_tokens": 240,
+                      "temperature": 1.0, "stream": true})
+    .to_string();
+    let mut hog = server.connect();
+    write!(
+        hog,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{long}",
+        long.len()
+    )
+    .unwrap();
+    let mut first = [0u8; 12];
+    hog.read_exact(&mut first).unwrap(); // the stream has started
+    let quick = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2});
+    let mut refused = false;
+    for _ in 0..50 {
+        let (status, j) = server.post("/v1/chat/completions", &quick);
+        if status == 429 {
+            assert_eq!(j["error"]["code"], "queue_full");
+            refused = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        refused,
+        "a request past the only session and an empty queue is refused"
+    );
+    drop(hog); // the client leaves mid-stream
+    let mut served = false;
+    for _ in 0..100 {
+        let (status, _) = server.post("/v1/chat/completions", &quick);
+        if status == 200 {
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(served, "the session was freed after its client left");
+    std::fs::remove_dir_all(&dir).ok();
+}
