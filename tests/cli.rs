@@ -225,24 +225,6 @@ fn generate_stops_at_a_stop_string_without_printing_it() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), "t363 t344 \n");
 }
 
-/// The tiny model with the chat fixtures' byte-level tokenizer and ChatML template.
-fn chat_model(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("moe-edge-cli-chat-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["model.onnx", "config.json"] {
-        std::fs::copy(tiny_model().join(f), dir.join(f)).unwrap();
-    }
-    let chat = fixtures().join("chat");
-    std::fs::copy(chat.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
-    std::fs::copy(chat.join("chatml.jinja"), dir.join("chat_template.jinja")).unwrap();
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        r#"{"eos_token": "<|im_end|>"}"#,
-    )
-    .unwrap();
-    dir
-}
-
 #[test]
 fn chat_answers_a_piped_prompt_like_the_library() {
     use std::io::Write;
