@@ -109,7 +109,8 @@ impl<'m> Conversation<'m> {
         self.session.as_ref()
     }
 
-    /// Adds a user message and generates the assistant's reply, which joins the history.
+    /// Adds a user message and generates the assistant's reply, which joins the history. When
+    /// the turn fails, the user message is taken back out, so the history stays well-formed.
     pub fn reply(
         &mut self,
         user: &str,
@@ -117,7 +118,11 @@ impl<'m> Conversation<'m> {
         on_step: impl FnMut(&Step) -> Flow,
     ) -> Result<Generation> {
         self.messages.push(ChatMessage::new("user", user));
-        self.respond(params, on_step)
+        let result = self.respond(params, on_step);
+        if result.is_err() && self.messages.last().is_some_and(|m| m.role == "user") {
+            self.messages.pop();
+        }
+        result
     }
 
     /// Generates the assistant's reply to the history as it is.
@@ -162,22 +167,24 @@ impl<'m> Conversation<'m> {
     }
 
     /// The rendered history with the assistant's header, as token ids, after dropping the
-    /// oldest turns that do not fit the context.
+    /// oldest turns that do not fit the context. The history changes only when it fits.
     fn fitting_prompt(&mut self) -> Result<Vec<i64>> {
+        let mut messages = self.messages.clone();
+        let first = usize::from(messages.first().is_some_and(|m| m.role == "system"));
         loop {
-            let text = self.template.render(&self.messages, true)?;
+            let text = self.template.render(&messages, true)?;
             let ids = self.tokenizer.encode_raw(&text)?;
             if ids.is_empty() {
                 return Err(Error::InvalidInput("the rendered prompt is empty".into()));
             }
-            let Some(limit) = self.model.context_limit() else {
-                return Ok(ids);
+            let limit = match self.model.context_limit() {
+                Some(limit) if ids.len() >= limit => limit,
+                _ => {
+                    self.messages = messages;
+                    return Ok(ids);
+                }
             };
-            if ids.len() < limit {
-                return Ok(ids);
-            }
-            let first = usize::from(self.messages.first().is_some_and(|m| m.role == "system"));
-            if self.messages.len() <= first + 1 {
+            if messages.len() <= first + 1 {
                 return Err(Error::ContextFull {
                     limit,
                     needed: ids.len() + 1,
@@ -187,10 +194,10 @@ impl<'m> Conversation<'m> {
                 "the conversation ({} tokens) does not fit the context of {limit}: dropping its oldest turn",
                 ids.len()
             );
-            self.messages.remove(first);
+            messages.remove(first);
             // a user/assistant pair goes together
-            if self.messages.len() > first + 1 && self.messages[first].role == "assistant" {
-                self.messages.remove(first);
+            if messages.len() > first + 1 && messages[first].role == "assistant" {
+                messages.remove(first);
             }
         }
     }

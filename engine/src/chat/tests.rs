@@ -200,5 +200,12 @@ fn old_turns_are_dropped_when_the_context_is_full() {
         .reply(&"y".repeat(400), greedy(2), |_| Flow::Continue)
         .unwrap_err();
     assert!(matches!(err, Error::ContextFull { .. }), "{err}");
+    assert_eq!(
+        chat.messages().last().unwrap().role,
+        "assistant",
+        "the failed turn is taken back"
+    );
+    // and the conversation goes on
+    chat.reply("short", greedy(2), |_| Flow::Continue).unwrap();
     std::fs::remove_dir_all(&dir).ok();
 }
