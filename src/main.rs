@@ -17,13 +17,9 @@ fn main() -> std::process::ExitCode {
         env_logger::Env::default().default_filter_or(format!("{level},tract_onnx=error")),
     )
     .init();
-    if let Some(n) = cli.threads {
-        if let Err(e) = rayon::ThreadPoolBuilder::new()
-            .num_threads(n.max(1))
-            .build_global()
-        {
-            log::warn!("could not set {n} threads: {e}");
-        }
+    if let Err(e) = moe_edge_engine::configure_threads(cli.threads) {
+        eprintln!("error: {e}");
+        return std::process::ExitCode::FAILURE;
     }
     match cli::run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,

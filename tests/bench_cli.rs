@@ -1,4 +1,5 @@
-//! The `bench` command's JSON report: its keys and their types (not timings).
+//! The `bench` command's JSON report: its keys and their types (not timings); `--threads` reaching
+//! both the expert pool and tract's matrix products.
 
 mod common;
 use common::{assert_cache_keys, json_output, moe_edge_cmd, tiny_model};
@@ -39,6 +40,10 @@ fn bench_json_has_the_documented_keys() {
             assert!(j[key].as_f64().is_some_and(|v| v > 0.0), "{key} in {j}");
         }
         assert_eq!(j["threads"], 2);
+        assert_eq!(
+            j["tract_threads"], 2,
+            "tract's matrix products run on the --threads pool"
+        );
         assert!(j["isa"].is_string());
         for key in ["median", "min", "max"] {
             assert!(j["decode"][key].as_f64().is_some(), "decode.{key}");
@@ -53,4 +58,32 @@ fn bench_json_has_the_documented_keys() {
         }
     }
     std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn threads_size_the_pool_of_the_experts_and_of_tract() {
+    for n in ["1", "2", "3"] {
+        let out = moe_edge_cmd()
+            .args(["--threads", n, "info"])
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains(&format!(
+                "threads: {n} (experts, int8 layers), tract matrix products: {n}"
+            )),
+            "{text}"
+        );
+    }
+    let out = moe_edge_cmd()
+        .args(["--threads", "0", "info"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("threads must be at least 1"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -12,6 +12,7 @@
 //! - [`Generator`]: sampling, stop tokens and strings, streaming (iterator or callback),
 //!   cancellation from another thread ([`CancelHandle`]), incremental text decoding.
 //! - [`pack`]: writing packed models (int8 experts read on demand through a byte-budget cache).
+//! - [`configure_threads`]: the one thread pool the experts and tract's matrix products share.
 //! - [`Error`]: what went wrong, with the file, node, layer or expert it concerns.
 //!
 //! ```no_run
@@ -40,6 +41,7 @@ mod ops;
 pub mod pack;
 mod sampling;
 mod session;
+mod threads;
 mod tokenizer;
 
 #[cfg(test)]
@@ -57,6 +59,7 @@ pub use moe::{Activation, MoeSpec, RoutedTokens, Routing, RoutingObserver};
 pub use onnx::forms::BlockReport;
 pub use sampling::{Sampler, SamplingParams};
 pub use session::Session;
+pub use threads::{configure_threads, pool_threads, tract_threads};
 pub use tokenizer::{TextStream, Tokenizer};
 
 /// The int8 kernels (a crate of their own: they know nothing about models).

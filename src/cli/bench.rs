@@ -67,6 +67,8 @@ struct Report {
     temperature: f32,
     repeat: usize,
     threads: usize,
+    /// Threads of tract's matrix products (the same pool as `threads`).
+    tract_threads: usize,
     /// int8 kernels in use (packed int8 experts; f32 experts use portable f32 code)
     isa: &'static str,
     load_s: f64,
@@ -170,6 +172,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         temperature: args.temperature,
         repeat: args.repeat,
         threads: rayon::current_num_threads(),
+        tract_threads: moe_edge_engine::tract_threads(),
         isa: moe_edge_engine::kernels::kernels().isa.name(),
         load_s,
         ttft_s: ttft.median,

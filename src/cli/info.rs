@@ -18,6 +18,10 @@ pub fn run() -> anyhow::Result<()> {
         "int8 kernels chosen: {} (override with MOE_EDGE_ISA=<name>)",
         kernels().isa.name()
     );
-    println!("worker threads: {}", rayon::current_num_threads());
+    println!(
+        "threads: {} (experts, int8 layers), tract matrix products: {}",
+        moe_edge_engine::pool_threads(),
+        moe_edge_engine::tract_threads()
+    );
     Ok(())
 }

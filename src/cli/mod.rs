@@ -20,7 +20,8 @@ pub struct Cli {
     /// More log output (-v info, -vv debug); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
-    /// Worker threads for the experts and the matrix products (default: all cores).
+    /// Threads of the one pool that runs the experts, the int8 layers and tract's matrix products
+    /// (default: one per core).
     #[arg(long, global = true, env = "MOE_EDGE_THREADS")]
     pub threads: Option<usize>,
     #[command(subcommand)]

@@ -94,6 +94,7 @@ impl Model {
     /// Companion files (`config.json`, `tokenizer.json`, `tokenizer_config.json`,
     /// `chat_template.jinja`) are read from the model's own directory only.
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Model> {
+        crate::threads::share_pool_with_tract();
         let files = ModelFiles::resolve(path)?;
         let mut removed_initializers = 0;
         let mut manifest = None;

@@ -1,0 +1,58 @@
+//! The one thread pool everything computes on: rayon's global pool runs the experts and the int8
+//! linear layers, and tract's matrix products are pointed at the same pool (tract's own default
+//! is single-threaded). [`configure_threads`] sizes it once; loading a model points tract at it
+//! when the application has not chosen another executor for tract.
+
+use std::sync::Once;
+
+use tract_linalg::multithread::{current_tract_executor, set_default_executor, Executor};
+
+use crate::error::{Error, Result};
+
+/// Sizes the shared pool to `threads` (`None`: one per CPU, rayon's default) and points tract's
+/// matrix products at it. Returns the number of threads in use. The pool can be sized only
+/// before anything has used it: a later call with a different size is an error.
+pub fn configure_threads(threads: Option<usize>) -> Result<usize> {
+    if let Some(n) = threads {
+        if n == 0 {
+            return Err(Error::InvalidInput("threads must be at least 1".into()));
+        }
+        let built = rayon::ThreadPoolBuilder::new()
+            .num_threads(n)
+            .build_global();
+        if built.is_err() && rayon::current_num_threads() != n {
+            return Err(Error::InvalidInput(format!(
+                "cannot use {n} threads: the thread pool already runs {} (set threads before \
+                 anything computes)",
+                rayon::current_num_threads()
+            )));
+        }
+    }
+    set_default_executor(Executor::RayonGlobal);
+    Ok(rayon::current_num_threads())
+}
+
+/// Points tract at the shared pool once per process, unless the application set tract's executor
+/// itself (anything but tract's single-threaded default).
+pub(crate) fn share_pool_with_tract() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        if matches!(current_tract_executor(), Executor::SingleThread) {
+            set_default_executor(Executor::RayonGlobal);
+        }
+    });
+}
+
+/// The threads tract's matrix products run on now.
+pub fn tract_threads() -> usize {
+    match current_tract_executor() {
+        Executor::SingleThread => 1,
+        Executor::MultiThread(pool) => pool.current_num_threads(),
+        Executor::RayonGlobal => rayon::current_num_threads(),
+    }
+}
+
+/// The threads of the shared pool (experts, int8 linear layers).
+pub fn pool_threads() -> usize {
+    rayon::current_num_threads()
+}
