@@ -6,6 +6,17 @@ use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
 
+/// The files beside `model.onnx` that describe the model (tokenizer, chat template, config); a
+/// packed model directory carries copies of them.
+pub(crate) const COMPANION_FILES: [&str; 6] = [
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "config.json",
+    "generation_config.json",
+];
+
 #[derive(Debug, Clone)]
 pub(crate) struct ModelFiles {
     pub onnx: PathBuf,

@@ -416,3 +416,33 @@ fn concurrent_sessions_share_a_tiny_cache() {
     assert!(stats.peak_resident_bytes <= stats.budget_bytes);
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn a_pack_keeps_the_tokenizer_and_the_chat_template() {
+    let src = scratch("chat-src");
+    std::fs::create_dir_all(&src).unwrap();
+    for f in ["model.onnx", "config.json"] {
+        std::fs::copy(tiny_model().join(f), src.join(f)).unwrap();
+    }
+    let chat = fixtures().join("chat");
+    std::fs::copy(chat.join("tokenizer.json"), src.join("tokenizer.json")).unwrap();
+    std::fs::copy(chat.join("chatml.jinja"), src.join("chat_template.jinja")).unwrap();
+    std::fs::write(
+        src.join("tokenizer_config.json"),
+        r#"{"eos_token": "<|im_end|>"}"#,
+    )
+    .unwrap();
+    let dir = pack(&src, "chat", ExpertFormat::Int8);
+    let original = Model::load(&src, LoadOptions::default()).unwrap();
+    let packed = Model::load(&dir, LoadOptions::default()).unwrap();
+    let messages = [
+        crate::ChatMessage::new("system", "Be brief."),
+        crate::ChatMessage::new("user", "What does tar do?"),
+    ];
+    let render = |m: &Model| m.chat_template().unwrap().render(&messages, true).unwrap();
+    assert_eq!(render(&packed), render(&original));
+    let encode = |m: &Model| m.tokenizer().unwrap().encode("t10 héllo").unwrap();
+    assert_eq!(encode(&packed), encode(&original));
+    std::fs::remove_dir_all(&src).ok();
+    std::fs::remove_dir_all(&dir).ok();
+}

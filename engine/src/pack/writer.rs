@@ -332,12 +332,7 @@ pub fn pack_model_with_progress(
         serde_json::to_string_pretty(&manifest).expect("manifest serialises"),
     )
     .map_err(Error::io(&manifest_path))?;
-    for name in [
-        "tokenizer.json",
-        "tokenizer_config.json",
-        "config.json",
-        "generation_config.json",
-    ] {
+    for name in crate::files::COMPANION_FILES {
         if let Some(p) = files.sibling(name) {
             let dst = out.join(name);
             std::fs::copy(&p, &dst).map_err(Error::io(&p))?;
