@@ -379,3 +379,113 @@ fn a_full_queue_answers_429_and_a_client_leaving_mid_stream_frees_its_session() 
     assert!(served, "the session was freed after its client left");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Reads an HTTP response head and returns the stream positioned at the body.
+fn read_head(stream: &mut BufReader<TcpStream>) -> String {
+    let mut head = String::new();
+    loop {
+        let mut line = String::new();
+        if stream.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+            return head;
+        }
+        head.push_str(&line);
+    }
+}
+
+#[test]
+fn sigterm_cuts_running_generations_refuses_queued_ones_and_exits_0() {
+    let dir = chat_model("sigterm");
+    let mut server = Server::start(&dir, &["--parallel", "1", "--queue", "4"]);
+    let long = json!({"messages": [{"role": "user", "content": "go"}], "max_tokens": 240,
+                      "temperature": 1.0, "seed": 7});
+    // the reference: alone, this request generates a long reply
+    let (status, solo) = server.post("/v1/chat/completions", &long);
+    assert_eq!(status, 200, "{solo}");
+    let full = solo["usage"]["completion_tokens"].as_u64().unwrap();
+    assert!(
+        full >= 100,
+        "the reference reply is long enough to be cut ({full})"
+    );
+
+    // streamed, on the only slot; a second request waits in the queue behind it
+    let mut streamed = long.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let body = streamed.to_string();
+    let mut running = BufReader::new(server.connect());
+    write!(
+        running.get_mut(),
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let head = read_head(&mut running);
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    // the first chunk: the generation is running
+    let mut size = String::new();
+    running.read_line(&mut size).unwrap();
+    let size = usize::from_str_radix(size.trim(), 16).unwrap();
+    let mut first = vec![0u8; size + 2];
+    running.read_exact(&mut first).unwrap();
+    let queued = {
+        let addr = server.addr.clone();
+        std::thread::spawn(move || {
+            let mut s = TcpStream::connect(&addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+            let body = json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+                .to_string();
+            write!(
+                s,
+                "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .unwrap();
+            let mut raw = String::new();
+            s.read_to_string(&mut raw).unwrap();
+            raw
+        })
+    };
+    std::thread::sleep(Duration::from_millis(50)); // let the second request reach the queue
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+
+    let mut rest = vec![];
+    running.read_to_end(&mut rest).unwrap();
+    let events = sse_data(&dechunk(&rest));
+    assert_eq!(
+        events.last().map(String::as_str),
+        Some("[DONE]"),
+        "the cut stream still ends properly"
+    );
+    let generated = events
+        .iter()
+        .filter_map(|e| serde_json::from_str::<Value>(e).ok())
+        .find_map(|v| v["usage"]["completion_tokens"].as_u64())
+        .expect("a usage chunk");
+    assert!(
+        generated < full,
+        "the running generation was cut short: {generated} of {full} tokens"
+    );
+    let answer = queued.join().unwrap();
+    assert!(
+        answer.starts_with("HTTP/1.1 503") && answer.contains("\"shutting_down\""),
+        "the queued request is refused: {answer}"
+    );
+
+    let start = std::time::Instant::now();
+    let code = loop {
+        if let Some(status) = server.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the server did not exit after SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(code.success(), "the server exits 0 on SIGTERM: {code}");
+    std::fs::remove_dir_all(&dir).ok();
+}

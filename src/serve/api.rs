@@ -5,6 +5,8 @@ use moe_edge_engine::{ChatMessage, Generation, StopReason};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use super::worker::Finished;
+
 /// An error answered as `{"error": {"message", "type", "code"}}` with an HTTP status.
 #[derive(Debug)]
 pub struct ApiError {
@@ -171,6 +173,31 @@ pub fn finish_reason(g: &Generation) -> &'static str {
         StopReason::MaxTokens | StopReason::ContextFull => "length",
         StopReason::Eos | StopReason::StopString | StopReason::Cancelled => "stop",
     }
+}
+
+/// moe-edge's figures for one request, in the shape llama.cpp's server gives them (`timings`),
+/// with the KV-cache reuse (`cache_n`) and the expert cache's traffic added.
+pub fn timings(f: &Finished) -> Value {
+    let g = &f.generation;
+    let fed = g.prompt_ids.len().saturating_sub(f.reused_prompt_tokens);
+    let prompt_ms = g.prefill_seconds * 1e3;
+    let predicted = g.generated_ids.len().saturating_sub(1);
+    let predicted_ms = g.decode_seconds * 1e3;
+    let per_second = |n: usize, ms: f64| if ms > 0.0 { n as f64 * 1e3 / ms } else { 0.0 };
+    let mut t = json!({
+        "cache_n": f.reused_prompt_tokens,
+        "prompt_n": fed,
+        "prompt_ms": prompt_ms,
+        "prompt_per_second": per_second(fed, prompt_ms),
+        "predicted_n": predicted,
+        "predicted_ms": predicted_ms,
+        "predicted_per_second": per_second(predicted, predicted_ms),
+    });
+    if let Some(c) = &f.cache {
+        t["expert_cache"] = json!({"hits": c.hits, "misses": c.misses,
+            "resident_bytes": c.resident_bytes, "budget_bytes": c.budget_bytes});
+    }
+    t
 }
 
 pub fn usage(g: &Generation) -> Value {

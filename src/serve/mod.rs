@@ -3,6 +3,7 @@
 //! of [`worker`], a fixed number of sessions behind a bounded queue.
 
 mod api;
+mod page;
 mod worker;
 
 use std::net::SocketAddr;
@@ -68,8 +69,11 @@ pub fn run(model: Model, opts: ServeOptions) -> anyhow::Result<()> {
         .route("/v1/models", get(models))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .route("/", get(page::index))
+        .route("/chat.js", get(page::script))
+        .route("/chat.css", get(page::style))
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(state);
+        .with_state(state.clone());
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -78,20 +82,25 @@ pub fn run(model: Model, opts: ServeOptions) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
         eprintln!("listening on http://{}", listener.local_addr()?);
         axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
+            .with_graceful_shutdown(shutdown_signal(state))
             .await?;
         eprintln!("shut down");
         anyhow::Ok(())
     })
 }
 
-async fn shutdown_signal() {
+/// Resolves at SIGTERM or Ctrl-C, after telling the workers to stop: running generations end at
+/// their next token (their responses complete normally, cut short), queued requests are refused,
+/// and axum then waits for the open responses to finish.
+async fn shutdown_signal(state: Shared) {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .expect("installing the SIGTERM handler");
     tokio::select! {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+    eprintln!("shutting down: stopping the running generations");
+    state.workers.stop_all();
 }
 
 fn error(e: ApiError) -> Response {
@@ -268,13 +277,14 @@ async fn respond(
         while let Some(ev) = rx.recv().await {
             match ev {
                 Event::Piece(p) => text.push_str(&p),
-                Event::Done(g) => {
+                Event::Done(f) => {
+                    let g = &f.generation;
                     let choice = if chat {
                         json!({"index": 0, "message": {"role": "assistant", "content": text},
-                               "finish_reason": api::finish_reason(&g)})
+                               "finish_reason": api::finish_reason(g)})
                     } else {
                         json!({"index": 0, "text": text, "logprobs": null,
-                               "finish_reason": api::finish_reason(&g)})
+                               "finish_reason": api::finish_reason(g)})
                     };
                     let object = if chat {
                         "chat.completion"
@@ -283,10 +293,11 @@ async fn respond(
                     };
                     return Json(json!({"id": id, "object": object, "created": created,
                                        "model": model, "choices": [choice],
-                                       "usage": api::usage(&g)}))
+                                       "usage": api::usage(g), "timings": api::timings(&f)}))
                     .into_response();
                 }
                 Event::Failed(m) => return server_error(m),
+                Event::Refused => return error(shutting_down()),
             }
         }
         return server_error("the generation ended without a result".into());
@@ -296,11 +307,11 @@ async fn respond(
     } else {
         "text_completion"
     };
-    let chunk = move |choice: Value, usage: Option<Value>| {
+    let chunk = move |choice: Value, extra: Option<(&str, Value)>| {
         let mut v = json!({"id": id, "object": object, "created": created, "model": model,
                            "choices": if choice.is_null() { json!([]) } else { json!([choice]) }});
-        if let Some(u) = usage {
-            v["usage"] = u;
+        if let Some((key, value)) = extra {
+            v[key] = value;
         }
         SseEvent::default().data(v.to_string())
     };
@@ -325,22 +336,28 @@ async fn respond(
                     };
                     chunk(choice, None)
                 }
-                Event::Done(g) => {
+                Event::Done(f) => {
+                    let g = &f.generation;
                     let last = if chat {
-                        json!({"index": 0, "delta": {}, "finish_reason": api::finish_reason(&g)})
+                        json!({"index": 0, "delta": {}, "finish_reason": api::finish_reason(g)})
                     } else {
                         json!({"index": 0, "text": "", "logprobs": null,
-                               "finish_reason": api::finish_reason(&g)})
+                               "finish_reason": api::finish_reason(g)})
                     };
-                    let _ = out_tx.send(chunk(last, None)).await;
+                    let timings = api::timings(&f);
+                    let _ = out_tx.send(chunk(last, Some(("timings", timings)))).await;
                     if include_usage {
-                        let _ = out_tx.send(chunk(Value::Null, Some(api::usage(&g)))).await;
+                        let usage = api::usage(g);
+                        let _ = out_tx
+                            .send(chunk(Value::Null, Some(("usage", usage))))
+                            .await;
                     }
                     let _ = out_tx.send(SseEvent::default().data("[DONE]")).await;
                     return;
                 }
                 Event::Failed(m) => SseEvent::default()
                     .data(json!({"error": {"message": m, "type": "server_error"}}).to_string()),
+                Event::Refused => SseEvent::default().data(shutting_down().body().to_string()),
             };
             // a closed stream drops `rx`: the worker stops at its next token
             if out_tx.send(event).await.is_err() {
@@ -349,6 +366,15 @@ async fn respond(
         }
     });
     Sse::new(ReceiverStream::new(out_rx).map(Ok::<_, std::convert::Infallible>)).into_response()
+}
+
+fn shutting_down() -> ApiError {
+    ApiError {
+        status: 503,
+        message: "the server is shutting down".into(),
+        kind: "server_error",
+        code: "shutting_down",
+    }
 }
 
 fn server_error(message: String) -> Response {
@@ -398,8 +424,9 @@ async fn metrics(State(state): State<Shared>) -> Response {
     if let Some(c) = state.model.cache_stats() {
         out.push_str(&format!(
             "moe_edge_expert_cache_hits_total {}\nmoe_edge_expert_cache_misses_total {}\n\
-             moe_edge_expert_cache_resident_bytes {}\nmoe_edge_expert_cache_budget_bytes {}\n",
-            c.hits, c.misses, c.resident_bytes, c.budget_bytes
+             moe_edge_expert_cache_resident_bytes {}\nmoe_edge_expert_cache_peak_resident_bytes {}\n\
+             moe_edge_expert_cache_budget_bytes {}\n",
+            c.hits, c.misses, c.resident_bytes, c.peak_resident_bytes, c.budget_bytes
         ));
     }
     ([("content-type", "text/plain; version=0.0.4")], out).into_response()
