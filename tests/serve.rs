@@ -297,6 +297,13 @@ fn bad_requests_get_openai_errors_and_the_server_keeps_serving() {
             "body_too_large",
         ),
         (
+            "10 MB body",
+            vec![b' '; 10 << 20],
+            key,
+            413,
+            "body_too_large",
+        ),
+        (
             "no API key",
             good.to_string().into_bytes(),
             no_key,
