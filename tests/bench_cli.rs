@@ -76,6 +76,19 @@ fn threads_size_the_pool_of_the_experts_and_of_tract() {
             "{text}"
         );
     }
+    // an absurd count is clamped (8 per core), not spawned
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let out = moe_edge_cmd()
+        .args(["--threads", "65536", "info"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let clamped = 8 * cores;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains(&format!("threads: {clamped} (")),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
     let out = moe_edge_cmd()
         .args(["--threads", "0", "info"])
         .output()

@@ -276,3 +276,37 @@ fn chat_answers_a_piped_prompt_like_the_library() {
     assert!(stderr.contains("no prompt"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn out_of_range_ids_and_sampling_parameters_are_clean_errors() {
+    let model = tiny();
+    for (args, says) in [
+        (
+            vec!["--prompt-ids", "10,512"],
+            "token id 512 at position 1 is outside the vocabulary (0..512)",
+        ),
+        (vec!["--prompt-ids", "-3"], "token id -3 at position 0"),
+        (
+            vec!["--prompt-ids", "10", "--temperature", "-1"],
+            "temperature",
+        ),
+        (
+            vec!["--prompt-ids", "10", "--temperature=NaN"],
+            "temperature",
+        ),
+        (
+            vec!["--prompt-ids", "10", "--temperature", "inf"],
+            "temperature",
+        ),
+        (
+            vec!["--prompt-ids", "10", "--repetition-penalty", "0"],
+            "repetition penalty",
+        ),
+        (vec!["--prompt-ids", "10", "--top-p", "-0.5"], "top-p"),
+    ] {
+        let mut all = vec!["generate", "-m", model.as_str()];
+        all.extend(&args);
+        let stderr = assert_clean_failure(&moe_edge(&all));
+        assert!(stderr.contains(says), "{args:?}: {stderr}");
+    }
+}

@@ -1,6 +1,7 @@
 //! Choosing the next token from logits: greedy, or temperature / top-k / top-p sampling, with
 //! an optional repetition penalty and a fixed seed.
 
+use crate::error::{Error, Result};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -29,6 +30,32 @@ impl Default for SamplingParams {
             repetition_penalty: 1.0,
             seed: 0,
         }
+    }
+}
+
+impl SamplingParams {
+    /// Each parameter within its range (finite numbers only), or an error naming the first
+    /// that is not.
+    pub fn check(&self) -> Result<()> {
+        let bad = |what: &str, value: f32, range: &str| {
+            Err(Error::InvalidInput(format!(
+                "{what} must be {range}, got {value}"
+            )))
+        };
+        if !(self.temperature.is_finite() && self.temperature >= 0.0) {
+            return bad("temperature", self.temperature, "a finite number >= 0");
+        }
+        if !(self.top_p > 0.0 && self.top_p <= 1.0) {
+            return bad("top-p", self.top_p, "in (0, 1]");
+        }
+        if !(self.repetition_penalty.is_finite() && self.repetition_penalty > 0.0) {
+            return bad(
+                "the repetition penalty",
+                self.repetition_penalty,
+                "a finite number > 0",
+            );
+        }
+        Ok(())
     }
 }
 
@@ -118,6 +145,81 @@ pub(crate) fn argmax(v: &[f32]) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn out_of_range_parameters_are_named() {
+        let p = SamplingParams::default;
+        for (params, says) in [
+            (
+                SamplingParams {
+                    temperature: f32::NAN,
+                    ..p()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: f32::INFINITY,
+                    ..p()
+                },
+                "temperature",
+            ),
+            (
+                SamplingParams {
+                    temperature: -1.0,
+                    ..p()
+                },
+                "temperature",
+            ),
+            (SamplingParams { top_p: 0.0, ..p() }, "top-p"),
+            (
+                SamplingParams {
+                    top_p: f32::NAN,
+                    ..p()
+                },
+                "top-p",
+            ),
+            (SamplingParams { top_p: 1.5, ..p() }, "top-p"),
+            (
+                SamplingParams {
+                    repetition_penalty: 0.0,
+                    ..p()
+                },
+                "repetition penalty",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: -1.0,
+                    ..p()
+                },
+                "repetition penalty",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: f32::NAN,
+                    ..p()
+                },
+                "repetition penalty",
+            ),
+            (
+                SamplingParams {
+                    repetition_penalty: f32::INFINITY,
+                    ..p()
+                },
+                "repetition penalty",
+            ),
+        ] {
+            let err = params.check().unwrap_err();
+            assert!(err.to_string().contains(says), "{params:?}: {err}");
+        }
+        assert!(SamplingParams {
+            temperature: 0.7,
+            top_p: 0.9,
+            ..p()
+        }
+        .check()
+        .is_ok());
+    }
 
     #[test]
     fn greedy_is_argmax_and_penalty_applies() {

@@ -9,13 +9,25 @@ use tract_linalg::multithread::{current_tract_executor, set_default_executor, Ex
 
 use crate::error::{Error, Result};
 
+/// More threads than this many per core only add switching: `configure_threads` clamps to it.
+pub const MAX_THREADS_PER_CORE: usize = 8;
+
 /// Sizes the shared pool to `threads` (`None`: one per CPU, rayon's default) and points tract's
-/// matrix products at it. Returns the number of threads in use. The pool can be sized only
+/// matrix products at it; more than [`MAX_THREADS_PER_CORE`] per core are clamped with a warning.
+/// Returns the number of threads in use. The pool can be sized only
 /// before anything has used it: a later call with a different size is an error.
 pub fn configure_threads(threads: Option<usize>) -> Result<usize> {
-    if let Some(n) = threads {
+    if let Some(mut n) = threads {
         if n == 0 {
             return Err(Error::InvalidInput("threads must be at least 1".into()));
+        }
+        let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+        if n > MAX_THREADS_PER_CORE * cores {
+            log::warn!(
+                "{n} threads on {cores} cores: using {}",
+                MAX_THREADS_PER_CORE * cores
+            );
+            n = MAX_THREADS_PER_CORE * cores;
         }
         let built = rayon::ThreadPoolBuilder::new()
             .num_threads(n)

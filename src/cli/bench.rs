@@ -27,7 +27,7 @@ pub struct BenchArgs {
     pub repeat: usize,
     /// Sample decode tokens at this temperature (seeded) instead of greedy: varied tokens route
     /// to varied experts, which is what a cache should be measured on.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, default_value_t = 0.0, allow_negative_numbers = true)]
     pub temperature: f32,
     #[arg(long, default_value_t = 1234)]
     pub seed: u64,

@@ -164,14 +164,7 @@ impl<'m> Generator<'m> {
         session: Session,
         params: GenerateParams,
     ) -> Result<Self> {
-        let p = &params.sampling;
-        if !(p.temperature >= 0.0 && p.top_p > 0.0 && p.top_p <= 1.0 && p.repetition_penalty > 0.0)
-        {
-            return Err(Error::InvalidInput(format!(
-                "sampling parameters out of range: temperature {} (>= 0), top-p {} (in (0, 1]), repetition penalty {} (> 0)",
-                p.temperature, p.top_p, p.repetition_penalty
-            )));
-        }
+        params.sampling.check()?;
         if params.stop_strings.iter().any(String::is_empty) {
             return Err(Error::InvalidInput("a stop string is empty".into()));
         }

@@ -80,3 +80,26 @@ pub(crate) fn interface_of(proto: &ModelProto) -> std::result::Result<Interface,
         position_ids,
     })
 }
+
+/// The vocabulary size: the rows of the embedding table that `input_ids` index (a `Gather` on an
+/// initializer, directly or through one `Cast`), if the graph has one.
+pub(crate) fn vocab_of(proto: &ModelProto) -> Option<usize> {
+    let graph = proto.graph.as_ref()?;
+    let mut ids = vec!["input_ids".to_string()];
+    for node in &graph.node {
+        if node.op_type == "Cast" && node.input.first().is_some_and(|i| i == "input_ids") {
+            ids.extend(node.output.iter().cloned());
+        }
+    }
+    graph
+        .node
+        .iter()
+        .filter(|n| n.op_type == "Gather" && n.input.len() == 2 && ids.contains(&n.input[1]))
+        .find_map(|n| {
+            let table = graph.initializer.iter().find(|i| i.name == n.input[0])?;
+            match table.dims.as_slice() {
+                [rows, _] if *rows > 0 => Some(*rows as usize),
+                _ => None,
+            }
+        })
+}

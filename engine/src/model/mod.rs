@@ -67,6 +67,8 @@ pub struct Model {
     pub(crate) proto: ModelProto,
     pub(crate) ops: OpTable,
     pub(crate) interface: Interface,
+    /// Rows of the embedding table `input_ids` index, when the graph shows them.
+    vocab: Option<usize>,
     config: ModelConfig,
     tokenizer: Option<Tokenizer>,
     chat_template: Option<ChatTemplate>,
@@ -151,6 +153,7 @@ impl Model {
             .ok_or_else(|| load_err("the file holds no graph".into()))?;
         ops.annotate(graph).map_err(load_err)?;
         let interface = interface::interface_of(&proto).map_err(load_err)?;
+        let vocab = interface::vocab_of(&proto);
         let config = match files.sibling("config.json") {
             Some(p) => ModelConfig::read(&p)?,
             None => ModelConfig::default(),
@@ -165,6 +168,7 @@ impl Model {
             proto,
             ops,
             interface,
+            vocab,
             config,
             tokenizer,
             chat_template,
@@ -232,6 +236,11 @@ impl Model {
         self.config.max_position_embeddings
     }
 
+    /// The vocabulary size (the embedding table's rows), when the graph shows it.
+    pub fn vocab_size(&self) -> Option<usize> {
+        self.vocab
+    }
+
     /// The expert cache's counters, for packed models.
     pub fn cache_stats(&self) -> Option<CacheStats> {
         self.cache.as_ref().map(|c| c.stats())
@@ -257,11 +266,28 @@ impl Model {
                 ids.len()
             )));
         }
+        check_token_ids(ids, self.vocab)?;
         let plan = self.plan(batch)?;
         let mut state = plan
             .runnable
             .spawn()
             .map_err(Error::tract("starting a run"))?;
         plan.run(&mut state, ids, batch, 0)
+    }
+}
+
+/// Token ids must index the embedding table: `0 <= id < vocab` (`0 <= id` when the vocabulary
+/// size is not known), checked before the graph runs.
+pub(crate) fn check_token_ids(ids: &[i64], vocab: Option<usize>) -> Result<()> {
+    let bad = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id < 0 || vocab.is_some_and(|v| id as u64 >= v as u64));
+    match bad {
+        None => Ok(()),
+        Some((at, id)) => Err(Error::InvalidInput(match vocab {
+            Some(v) => format!("token id {id} at position {at} is outside the vocabulary (0..{v})"),
+            None => format!("token id {id} at position {at} is negative"),
+        })),
     }
 }

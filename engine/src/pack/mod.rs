@@ -77,11 +77,12 @@ pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack>
     }
     let total: u64 = sizes.iter().flatten().sum();
     let largest = sizes.iter().flatten().copied().max().unwrap_or(0);
-    let mut budget = opts
-        .expert_cache_mb
-        .or(manifest.expert_cache_mb)
-        .map(|mb| mb << 20)
-        .unwrap_or(total);
+    let mut budget = match opts.expert_cache_mb.or(manifest.expert_cache_mb) {
+        Some(mb) => mb.checked_mul(1 << 20).ok_or_else(|| {
+            Error::InvalidInput(format!("an expert cache of {mb} MiB is too large"))
+        })?,
+        None => total,
+    };
     if budget < largest {
         log::warn!("expert cache budget {budget} bytes is smaller than one expert ({largest} bytes): using {largest}");
         budget = largest;

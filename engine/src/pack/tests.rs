@@ -446,3 +446,124 @@ fn a_pack_keeps_the_tokenizer_and_the_chat_template() {
     std::fs::remove_dir_all(&src).ok();
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// The bytes of every file in `dir`, by name.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.is_file())
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p.file_name().unwrap().to_string_lossy().into_owned(), bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+/// Hidden partial or old directories left beside `out`.
+fn leftovers(out: &Path) -> Vec<String> {
+    let name = out.file_name().unwrap().to_string_lossy().into_owned();
+    std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!(".{name}.")))
+        .collect()
+}
+
+#[test]
+fn packing_onto_the_source_or_a_foreign_directory_is_refused_and_changes_nothing() {
+    let src = scratch("own-src");
+    std::fs::create_dir_all(&src).unwrap();
+    for f in ["model.onnx", "config.json", "tokenizer.json"] {
+        std::fs::copy(tiny_model().join(f), src.join(f)).unwrap();
+    }
+    let before = snapshot(&src);
+    let opts = PackOptions::default();
+    for out in [
+        src.clone(),
+        src.join("."),
+        src.join("../").join(src.file_name().unwrap()),
+    ] {
+        let err = pack_model(&src, &out, &opts).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidInput(m) if m.contains("source model's own directory")),
+            "{err}"
+        );
+    }
+    assert_eq!(snapshot(&src), before, "the source model is unchanged");
+
+    let foreign = scratch("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    std::fs::write(foreign.join("notes.txt"), "keep me").unwrap();
+    let err = pack_model(&src, &foreign, &opts).unwrap_err();
+    assert!(
+        err.to_string().contains("neither empty nor a packed model"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(foreign.join("notes.txt")).unwrap(),
+        "keep me"
+    );
+    assert!(leftovers(&foreign).is_empty());
+    std::fs::remove_dir_all(&src).ok();
+    std::fs::remove_dir_all(&foreign).ok();
+}
+
+#[test]
+fn a_pack_replaces_an_earlier_pack_whole_and_a_failed_pack_leaves_nothing() {
+    let out = scratch("replace");
+    pack(&tiny_model(), "replace", ExpertFormat::F32);
+    std::fs::write(out.join("stale.txt"), "from the earlier pack").unwrap();
+    pack_model(
+        &tiny_model(),
+        &out,
+        &PackOptions {
+            experts: ExpertFormat::Int8,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert!(
+        !out.join("stale.txt").exists(),
+        "the earlier pack is replaced as a whole"
+    );
+    let model = Model::load(&out, LoadOptions::default()).unwrap();
+    assert_eq!(model.manifest().unwrap().experts, ExpertFormat::Int8);
+    assert!(leftovers(&out).is_empty(), "{:?}", leftovers(&out));
+    // the companions are not writable by others
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(out.join("config.json"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o002, 0, "config.json mode {mode:o}");
+
+    // a source that fails to import: no output directory, no partial one
+    let bad = scratch("bad-src");
+    std::fs::create_dir_all(&bad).unwrap();
+    std::fs::write(bad.join("model.onnx"), b"not a protobuf at all").unwrap();
+    let failed = scratch("failed");
+    assert!(pack_model(&bad, &failed, &PackOptions::default()).is_err());
+    assert!(!failed.exists());
+    assert!(leftovers(&failed).is_empty(), "{:?}", leftovers(&failed));
+    std::fs::remove_dir_all(&out).ok();
+    std::fs::remove_dir_all(&bad).ok();
+}
+
+#[test]
+fn an_expert_cache_budget_that_overflows_is_refused() {
+    let dir = pack(&tiny_model(), "huge-budget", ExpertFormat::Int8);
+    let Err(err) = Model::load(
+        &dir,
+        LoadOptions {
+            expert_cache_mb: Some(1 << 44),
+            ..Default::default()
+        },
+    ) else {
+        panic!("a budget of 2^44 MiB was accepted");
+    };
+    assert!(err.to_string().contains("too large"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -88,6 +88,27 @@ pub fn pack_model_with_progress(
         )));
     }
     let files = ModelFiles::resolve(src)?;
+    let target = OutputDir::prepare(out, &files)?;
+    match write_pack(&files, target.partial(), opts, progress) {
+        Ok(mut summary) => {
+            target.commit()?;
+            summary.out_dir = out.to_path_buf();
+            Ok(summary)
+        }
+        Err(e) => {
+            target.discard();
+            Err(e)
+        }
+    }
+}
+
+/// Writes the whole pack of `files` into the directory `out` (an empty temporary directory).
+fn write_pack(
+    files: &ModelFiles,
+    out: &Path,
+    opts: &PackOptions,
+    progress: &mut dyn FnMut(usize, usize),
+) -> Result<PackSummary> {
     let imported = import_model(
         &files.onnx,
         DetectOptions {
@@ -110,7 +131,6 @@ pub fn pack_model_with_progress(
             )));
         }
     }
-    std::fs::create_dir_all(out).map_err(Error::io(out))?;
 
     // 1. experts as f32, then the table: every tensor with its format and shape
     let mut dense: Vec<Vec<DenseExpert>> = vec![];
@@ -310,7 +330,7 @@ pub fn pack_model_with_progress(
     let manifest = Manifest {
         format: FORMAT_NAME.into(),
         version: FORMAT_VERSION,
-        source: source_info(&files)?,
+        source: source_info(files)?,
         experts: opts.experts,
         block_size: BLOCK,
         alignment: opts.alignment,
@@ -334,14 +354,10 @@ pub fn pack_model_with_progress(
     .map_err(Error::io(&manifest_path))?;
     for name in crate::files::COMPANION_FILES {
         if let Some(p) = files.sibling(name) {
+            // a new file with the default permissions, not a copy of the source's mode bits
+            let bytes = std::fs::read(&p).map_err(Error::io(&p))?;
             let dst = out.join(name);
-            std::fs::copy(&p, &dst).map_err(Error::io(&p))?;
-            let mut perms = std::fs::metadata(&dst)
-                .map_err(Error::io(&dst))?
-                .permissions();
-            #[allow(clippy::permissions_set_readonly_false)]
-            perms.set_readonly(false);
-            std::fs::set_permissions(&dst, perms).map_err(Error::io(&dst))?;
+            std::fs::write(&dst, bytes).map_err(Error::io(&dst))?;
         }
     }
     Ok(PackSummary {
@@ -437,4 +453,103 @@ fn source_info(files: &ModelFiles) -> Result<SourceInfo> {
         sha256: digest.iter().map(|b| format!("{b:02x}")).collect(),
         bytes,
     })
+}
+
+/// Where a pack is written: a hidden temporary directory beside the output, renamed into place
+/// when everything is written and synced, so that an interrupted or failed pack leaves no
+/// directory under the output's name that would open (and never touches the source model).
+struct OutputDir {
+    out: PathBuf,
+    partial: PathBuf,
+}
+
+impl OutputDir {
+    /// Checks that `out` may receive a pack of `files`: not the model's own directory, and either
+    /// new, empty or an earlier pack (which is replaced as a whole).
+    fn prepare(out: &Path, files: &ModelFiles) -> Result<OutputDir> {
+        let refuse =
+            |why: String| Error::InvalidInput(format!("cannot pack into {}: {why}", out.display()));
+        if out.exists() {
+            if !out.is_dir() {
+                return Err(refuse("it exists and is not a directory".into()));
+            }
+            let canonical = |p: &Path| std::fs::canonicalize(p).map_err(Error::io(p));
+            if canonical(out)? == canonical(&files.dir)? {
+                return Err(refuse(
+                    "it is the source model's own directory; choose a new directory".into(),
+                ));
+            }
+            let empty = std::fs::read_dir(out)
+                .map_err(Error::io(out))?
+                .next()
+                .is_none();
+            if !empty && !out.join(MANIFEST_FILE).is_file() {
+                return Err(refuse(format!(
+                    "it is neither empty nor a packed model (no {MANIFEST_FILE}); choose a new or \
+                     empty directory"
+                )));
+            }
+        }
+        let name = out
+            .file_name()
+            .ok_or_else(|| refuse("it has no directory name".into()))?
+            .to_string_lossy()
+            .into_owned();
+        let parent = match out.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent).map_err(Error::io(&parent))?;
+        let partial = parent.join(format!(".{name}.partial-{}", std::process::id()));
+        if partial.exists() {
+            std::fs::remove_dir_all(&partial).map_err(Error::io(&partial))?;
+        }
+        std::fs::create_dir(&partial).map_err(Error::io(&partial))?;
+        Ok(OutputDir {
+            out: out.to_path_buf(),
+            partial,
+        })
+    }
+
+    fn partial(&self) -> &Path {
+        &self.partial
+    }
+
+    /// Syncs the written files and renames the directory into place (replacing an earlier pack).
+    fn commit(self) -> Result<()> {
+        for entry in std::fs::read_dir(&self.partial).map_err(Error::io(&self.partial))? {
+            let path = entry.map_err(Error::io(&self.partial))?.path();
+            File::open(&path)
+                .and_then(|f| f.sync_all())
+                .map_err(Error::io(&path))?;
+        }
+        let old = self.partial.with_file_name(
+            self.partial
+                .file_name()
+                .map(|n| n.to_string_lossy().replace(".partial-", ".old-"))
+                .unwrap_or_default(),
+        );
+        let replacing = self.out.exists();
+        if replacing {
+            std::fs::rename(&self.out, &old).map_err(Error::io(&self.out))?;
+        }
+        if let Err(e) = std::fs::rename(&self.partial, &self.out) {
+            if replacing {
+                let _ = std::fs::rename(&old, &self.out);
+            }
+            let _ = std::fs::remove_dir_all(&self.partial);
+            return Err(Error::io(&self.out)(e));
+        }
+        if let Some(parent) = self.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let _ = File::open(parent).and_then(|d| d.sync_all());
+        }
+        if replacing {
+            let _ = std::fs::remove_dir_all(&old);
+        }
+        Ok(())
+    }
+
+    fn discard(self) {
+        let _ = std::fs::remove_dir_all(&self.partial);
+    }
 }

@@ -32,6 +32,7 @@ pub struct Session {
     kv_cache: bool,
     tokens: Vec<i64>,
     limit: Option<usize>,
+    vocab: Option<usize>,
     observer: Option<Arc<dyn RoutingObserver>>,
 }
 
@@ -45,6 +46,7 @@ impl Session {
             kv_cache: model.has_kv_cache(),
             tokens: vec![],
             limit: model.context_limit(),
+            vocab: model.vocab_size(),
             observer: None,
         })
     }
@@ -54,6 +56,7 @@ impl Session {
         if ids.is_empty() {
             return Err(Error::InvalidInput("no tokens to feed".into()));
         }
+        crate::model::check_token_ids(ids, self.vocab)?;
         let needed = self.tokens.len() + ids.len();
         if let Some(limit) = self.limit.filter(|&l| needed > l) {
             return Err(Error::ContextFull { limit, needed });

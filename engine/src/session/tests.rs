@@ -3,7 +3,7 @@
 
 use crate::sampling::argmax;
 use crate::test_support::*;
-use crate::{GenerateParams, Generator, LoadOptions, Model, Session};
+use crate::{Error, GenerateParams, Generator, LoadOptions, Model, Session};
 
 /// The HF-exporter or legacy KV-cache export of `arch`.
 fn kv_export(arch: &str, legacy: bool) -> std::path::PathBuf {
@@ -164,4 +164,42 @@ fn truncated_session_continues_like_a_fresh_one() {
     assert!(max_abs_diff(&again, &want) < 1e-5);
     session.truncate(0).unwrap();
     assert!(session.is_empty());
+}
+
+#[test]
+fn token_ids_outside_the_vocabulary_are_refused_before_the_graph_runs() {
+    let model = Model::load(&tiny_model(), LoadOptions::default()).unwrap();
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny_model().join("config.json")).unwrap())
+            .unwrap();
+    let vocab = config["vocab_size"].as_u64().unwrap() as usize;
+    assert_eq!(model.vocab_size(), Some(vocab));
+    let mut session = Session::new(&model).unwrap();
+    for (ids, says) in [
+        (
+            vec![10, vocab as i64],
+            format!("token id {vocab} at position 1"),
+        ),
+        (vec![-1], "token id -1 at position 0".to_string()),
+        (
+            vec![i64::MIN],
+            format!("token id {} at position 0", i64::MIN),
+        ),
+        (
+            vec![1 << 40],
+            format!("token id {} at position 0", 1i64 << 40),
+        ),
+    ] {
+        let err = session.feed(&ids).unwrap_err();
+        assert!(
+            matches!(&err, Error::InvalidInput(m) if m.contains(&says)),
+            "{ids:?}: {err}"
+        );
+        let err = model.logits(&ids, 1).unwrap_err();
+        assert!(matches!(&err, Error::InvalidInput(_)), "{ids:?}: {err}");
+    }
+    // nothing was fed: the session still works from the start
+    assert_eq!(session.len(), 0);
+    let last = session.feed(&[10, (vocab - 1) as i64]).unwrap();
+    assert_eq!(last.len(), vocab);
 }
