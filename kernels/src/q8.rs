@@ -103,8 +103,9 @@ pub struct Q8Matrix {
 }
 
 impl Q8Matrix {
-    /// Reads a matrix written by [`quantize`]. `None` if the size does not match the shape or
-    /// a value is -128, which the format never contains (the SIMD kernels rely on |q| <= 127).
+    /// Reads a matrix written by [`quantize`]. `None` if the size does not match the shape, a
+    /// value is -128 (the format never contains it; the SIMD kernels rely on |q| <= 127) or a
+    /// scale is not a finite number >= 0 (a NaN scale would silently poison every output).
     pub fn from_bytes(bytes: &[u8], rows: usize, cols: usize, scale: ScaleType) -> Option<Self> {
         if bytes.len() != q8_bytes(rows, cols, scale) {
             return None;
@@ -115,7 +116,7 @@ impl Q8Matrix {
             return None;
         }
         let qs = qs.iter().map(|&b| b as i8).collect();
-        let scales = match scale {
+        let scales: Vec<f32> = match scale {
             ScaleType::F16 => sc
                 .chunks_exact(2)
                 .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
@@ -125,6 +126,9 @@ impl Q8Matrix {
                 .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect(),
         };
+        if !scales.iter().all(|s| s.is_finite() && *s >= 0.0) {
+            return None;
+        }
         Some(Q8Matrix {
             rows,
             cols,

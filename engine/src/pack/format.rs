@@ -141,6 +141,12 @@ impl Entry {
             length: u64_at(32),
             crc32: u32_at(40),
         };
+        if e.rows == 0 || e.cols == 0 || e.rows as u64 * e.cols as u64 > MAX_TENSOR_ELEMENTS {
+            return Err(bad(format!(
+                "{kind:?} [{}, {}] is empty or larger than any model's tensor",
+                e.rows, e.cols
+            )));
+        }
         let expected = format.bytes(e.rows as usize, e.cols as usize) as u64;
         if e.length != expected {
             return Err(bad(format!(
@@ -163,6 +169,10 @@ impl Entry {
         }
     }
 }
+
+/// The most elements a tensor of the table may have (2^36: far above any model's, and small
+/// enough that its byte size cannot overflow).
+pub const MAX_TENSOR_ELEMENTS: u64 = 1 << 36;
 
 /// The file header.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -7,6 +7,7 @@ pub(crate) mod cache;
 pub(crate) mod file;
 pub(crate) mod format;
 pub(crate) mod manifest;
+pub(crate) mod validate;
 pub(crate) mod writer;
 
 #[cfg(test)]
@@ -58,7 +59,9 @@ pub(crate) struct OpenedPack {
 /// Opens a packed model directory.
 pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack> {
     let manifest = Manifest::read(dir)?;
-    let file = Arc::new(PackFile::open(&dir.join(&manifest.expert_file))?);
+    let expert_file = dir.join(validate::expert_file_name(&manifest)?);
+    let file = Arc::new(PackFile::open(&expert_file)?);
+    validate::check(&manifest, &file)?;
     if opts.verify {
         file.verify_all()?;
     }
@@ -209,7 +212,12 @@ fn q8_matrix(bytes: &[u8], e: &Entry) -> Result<Q8Matrix> {
         e.cols as usize,
         e.format.scale_type().expect("q8 format"),
     )
-    .ok_or_else(|| Error::CorruptPack(format!("{}: size does not match its shape", e.describe())))
+    .ok_or_else(|| {
+        Error::CorruptPack(format!(
+            "{}: not a valid int8 tensor (size, a -128 value or a non-finite scale)",
+            e.describe()
+        ))
+    })
 }
 
 /// The routed experts of one layer of a pack, loaded through the shared cache.

@@ -3,7 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
-use super::format::{Entry, Header, ENTRY_BYTES, HEADER_BYTES, NO_EXPERT};
+use super::format::{
+    Entry, Header, TensorFormat, TensorKind, ENTRY_BYTES, HEADER_BYTES, NO_EXPERT,
+};
 use super::{pack_model, ExpertFormat, PackOptions};
 use crate::sampling::argmax;
 use crate::test_support::*;
@@ -565,5 +567,150 @@ fn an_expert_cache_budget_that_overflows_is_refused() {
         panic!("a budget of 2^44 MiB was accepted");
     };
     assert!(err.to_string().contains("too large"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Damage that keeps every checksum valid (the table's recomputed): the manifest and the table
+/// must agree, or the pack is refused at open with the disagreement named.
+#[test]
+fn a_table_that_disagrees_with_the_manifest_is_refused_at_open() {
+    type Tamper = fn(&mut Vec<u8>, &mut Vec<Entry>, &mut serde_json::Value);
+    let cases: Vec<(&str, ExpertFormat, Tamper, &str)> = vec![
+        (
+            "rows and cols swapped (same byte count)",
+            ExpertFormat::F32,
+            |_, entries, _| {
+                let e = entries
+                    .iter_mut()
+                    .find(|e| e.kind == TensorKind::Gate)
+                    .unwrap();
+                std::mem::swap(&mut e.rows, &mut e.cols);
+            },
+            "in the table",
+        ),
+        (
+            "an entry pointing at another expert's bytes",
+            ExpertFormat::Int8,
+            |_, entries, _| {
+                let e = entries
+                    .iter()
+                    .position(|e| e.layer == 0 && e.expert == 4 && e.kind == TensorKind::Down)
+                    .unwrap();
+                let other = entries
+                    .iter()
+                    .position(|e| e.layer == 0 && e.expert == 5 && e.kind == TensorKind::Down)
+                    .unwrap();
+                (entries[e].offset, entries[e].crc32) =
+                    (entries[other].offset, entries[other].crc32);
+            },
+            "share bytes",
+        ),
+        (
+            "f32 tensors in a manifest of int8 experts",
+            ExpertFormat::F32,
+            |_, _, manifest| manifest["experts"] = serde_json::json!("int8"),
+            "the manifest says Int8 experts",
+        ),
+        (
+            "a hidden size the table does not have",
+            ExpertFormat::Int8,
+            |_, _, manifest| {
+                let h = manifest["layers"][0]["spec"]["hidden"].as_u64().unwrap();
+                manifest["layers"][0]["spec"]["hidden"] = serde_json::json!(h + 32);
+            },
+            "in the manifest",
+        ),
+        (
+            "top-k above the expert count",
+            ExpertFormat::Int8,
+            |_, _, manifest| manifest["layers"][1]["spec"]["top_k"] = serde_json::json!(99),
+            "do not make an MoE layer",
+        ),
+        (
+            "another block size",
+            ExpertFormat::Int8,
+            |_, _, manifest| manifest["block_size"] = serde_json::json!(64),
+            "block_size is 64",
+        ),
+        (
+            "an expert file outside the pack",
+            ExpertFormat::Int8,
+            |_, _, manifest| manifest["expert_file"] = serde_json::json!("/etc/passwd"),
+            "expert_file must name a file inside the pack directory",
+        ),
+        (
+            "an expert file in the parent directory",
+            ExpertFormat::Int8,
+            |_, _, manifest| manifest["expert_file"] = serde_json::json!("../experts.bin"),
+            "expert_file must name a file inside the pack directory",
+        ),
+        (
+            "a tensor the manifest does not describe",
+            ExpertFormat::Int8,
+            |_, entries, _| {
+                let mut extra = entries.last().unwrap().clone();
+                extra.layer = 7;
+                entries.push(extra);
+            },
+            "the table has",
+        ),
+    ];
+    for (i, (what, format, tamper, says)) in cases.into_iter().enumerate() {
+        let dir = pack(
+            &fixtures().join("hf-moe-kv/mixtral/model.onnx"),
+            &format!("tamper-{i}"),
+            format,
+        );
+        let (mut bytes, mut header, mut entries) = table(&dir);
+        let manifest_path = dir.join("manifest.json");
+        let mut manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&manifest_path).unwrap()).unwrap();
+        tamper(&mut bytes, &mut entries, &mut manifest);
+        if entries.len() != header.entry_count as usize {
+            // room for the extra entry: the table grows into the padding before the data
+            header.entry_count = entries.len() as u32;
+            assert!(
+                header.table_offset + (entries.len() * ENTRY_BYTES) as u64 <= header.data_offset
+            );
+        }
+        write_table(&dir, bytes, header, &entries);
+        std::fs::write(&manifest_path, manifest.to_string()).unwrap();
+        let err = open_err(&dir, false);
+        assert!(
+            matches!(err, Error::CorruptPack(_)) && err.to_string().contains(says),
+            "{what}: {err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[test]
+fn a_nan_scale_with_a_valid_checksum_is_refused_when_the_expert_loads() {
+    let dir = packed_tiny("nan-scale");
+    let (mut bytes, header, mut entries) = table(&dir);
+    let i = entries
+        .iter()
+        .position(|e| e.expert != NO_EXPERT && e.format == TensorFormat::Q8F16Scales)
+        .unwrap();
+    let e = entries[i].clone();
+    // the scales follow the int8 values: overwrite the last scale with an f16 NaN
+    let last_scale = (e.offset + e.length - 2) as usize;
+    bytes[last_scale..last_scale + 2].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    entries[i].crc32 = crc32fast::hash(&bytes[e.offset as usize..(e.offset + e.length) as usize]);
+    write_table(&dir, bytes, header, &entries);
+    // the checksums hold, so the pack opens; the expert is refused when first loaded
+    let model = Model::load(&dir, LoadOptions::default()).unwrap();
+    let mut found = None;
+    for t in 3..200i64 {
+        if let Err(err) = Session::new(&model)
+            .unwrap()
+            .feed(&[t, t + 1, t + 2, t + 3])
+        {
+            found = Some(format!("{err}"));
+            break;
+        }
+    }
+    let msg = found.expect("some prompt routes to the damaged expert");
+    assert!(msg.contains("non-finite scale"), "{msg}");
     std::fs::remove_dir_all(&dir).ok();
 }
