@@ -310,3 +310,88 @@ fn out_of_range_ids_and_sampling_parameters_are_clean_errors() {
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }
+
+/// Something other than a model file where one is expected: a clean, immediate error naming the
+/// file (a FIFO must not block, a pack's expert file must not run as the pack).
+#[test]
+fn files_that_are_not_models_are_named_and_refused_at_once() {
+    let dir = std::env::temp_dir().join(format!("moe-edge-notfiles-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let packed = dir.join("packed");
+    let out = moe_edge(&["pack", &tiny(), "-o", packed.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let plain = dir.join("plain");
+    std::fs::create_dir_all(&plain).unwrap();
+    for f in ["model.onnx", "config.json"] {
+        std::fs::copy(tiny_model().join(f), plain.join(f)).unwrap();
+    }
+    std::fs::create_dir(plain.join("tokenizer.json")).unwrap();
+    let fifo_pack = dir.join("fifo-pack");
+    std::fs::create_dir_all(&fifo_pack).unwrap();
+    for f in ["model.onnx", "manifest.json", "config.json"] {
+        std::fs::copy(packed.join(f), fifo_pack.join(f)).unwrap();
+    }
+    let fifo = fifo_pack.join("experts.bin");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+
+    let expert_file = packed.join("experts.bin");
+    let cases: [(&str, String, &str); 5] = [
+        ("/dev/null", "/dev/null".into(), "is not a regular file"),
+        (
+            "a pack's expert file",
+            expert_file.display().to_string(),
+            "not a valid ONNX protobuf",
+        ),
+        (
+            "a FIFO as the expert file",
+            fifo_pack.display().to_string(),
+            "experts.bin: not a regular file",
+        ),
+        (
+            "a directory as tokenizer.json",
+            plain.display().to_string(),
+            "tokenizer.json: not a regular file",
+        ),
+        (
+            "a missing file",
+            dir.join("nothing.onnx").display().to_string(),
+            "does not exist",
+        ),
+    ];
+    for (what, model, says) in cases {
+        let start = std::time::Instant::now();
+        let stderr =
+            assert_clean_failure(&moe_edge(&["generate", "-m", &model, "--prompt-ids", "10"]));
+        assert!(stderr.contains(says), "{what}: {stderr}");
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(30),
+            "{what}: took {:?}",
+            start.elapsed()
+        );
+    }
+    // an I/O error is said once, not repeated by the error chain
+    let stderr = assert_clean_failure(&moe_edge(&[
+        "logits",
+        "-m",
+        &tiny(),
+        "--input",
+        dir.join("missing.npy").to_str().unwrap(),
+        "--output",
+        dir.join("out.npy").to_str().unwrap(),
+    ]));
+    assert_eq!(
+        stderr.matches("No such file or directory").count(),
+        1,
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

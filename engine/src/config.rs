@@ -34,7 +34,7 @@ struct RawConfig {
 
 impl ModelConfig {
     pub fn read(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(Error::io(path))?;
+        let text = crate::files::read_text(path, crate::files::TEXT_LIMIT)?;
         let raw: RawConfig = serde_json::from_str(&text).map_err(|e| Error::ModelLoad {
             path: path.to_path_buf(),
             reason: format!("invalid config.json: {e}"),

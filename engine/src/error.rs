@@ -44,30 +44,31 @@ pub enum Error {
     #[error("tokenizer: {0}")]
     Tokenizer(String),
 
-    /// An error raised inside tract while analysing or running the graph.
-    #[error("{context}: {source:#}")]
+    /// An error raised inside tract while analysing or running the graph. (The cause is part
+    /// of the message, not a separate `source()`, so that printing the error chain does not
+    /// repeat it.)
+    #[error("{context}: {cause:#}")]
     Tract {
         context: String,
-        #[source]
-        source: anyhow::Error,
+        cause: anyhow::Error,
     },
 
-    #[error("i/o error on {path}: {source}")]
+    /// A file could not be read or written; the cause is part of the message.
+    #[error("i/o error on {path}: {cause}")]
     Io {
         path: PathBuf,
-        #[source]
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
 impl Error {
     pub(crate) fn tract(context: impl Into<String>) -> impl FnOnce(anyhow::Error) -> Error {
         let context = context.into();
-        move |source| Error::Tract { context, source }
+        move |cause| Error::Tract { context, cause }
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> Error {
         let path = path.into();
-        move |source| Error::Io { path, source }
+        move |cause| Error::Io { path, cause }
     }
 }

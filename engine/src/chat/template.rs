@@ -58,7 +58,7 @@ impl ChatTemplate {
     pub(crate) fn find(dir: &Path) -> Result<Option<Self>> {
         let config = dir.join("tokenizer_config.json");
         let json: serde_json::Value = if config.is_file() {
-            let text = std::fs::read_to_string(&config).map_err(Error::io(&config))?;
+            let text = crate::files::read_text(&config, crate::files::TEXT_LIMIT)?;
             serde_json::from_str(&text).map_err(|e| Error::ModelLoad {
                 path: config.clone(),
                 reason: format!("invalid tokenizer_config.json: {e}"),
@@ -74,7 +74,7 @@ impl ChatTemplate {
         let (bos_token, eos_token) = (token("bos_token"), token("eos_token"));
         let jinja = dir.join("chat_template.jinja");
         let (source, file) = if jinja.is_file() {
-            let source = std::fs::read_to_string(&jinja).map_err(Error::io(&jinja))?;
+            let source = crate::files::read_text(&jinja, crate::files::TEXT_LIMIT)?;
             (source, jinja)
         } else {
             let source = match &json["chat_template"] {

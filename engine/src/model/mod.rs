@@ -100,49 +100,50 @@ impl Model {
         let files = ModelFiles::resolve(path)?;
         let mut removed_initializers = 0;
         let mut manifest = None;
-        let (mut proto, ops, blocks, fallbacks, cache) = if is_pack(&files.dir) {
-            let pack = open_pack(
-                &files.dir,
-                PackOpenOptions {
-                    expert_cache_mb: opts.expert_cache_mb,
-                    verify: opts.verify,
-                    cache_policy: opts.cache_policy,
-                },
-            )?;
-            let blocks = pack
-                .manifest
-                .layers
-                .iter()
-                .map(|l| BlockInfo {
-                    spec: l.spec.clone(),
-                    form: format!("packed {:?}, from {}", pack.manifest.experts, l.form),
-                    node: String::new(),
-                })
-                .collect();
-            manifest = Some(pack.manifest);
-            (pack.proto, pack.ops, blocks, vec![], Some(pack.cache))
-        } else {
-            let detect = DetectOptions {
-                dense_fallback: opts.dense_fallback,
-                literal: opts.literal,
+        let (mut proto, ops, blocks, fallbacks, cache) =
+            if files.is_directory_model() && is_pack(&files.dir) {
+                let pack = open_pack(
+                    &files.dir,
+                    PackOpenOptions {
+                        expert_cache_mb: opts.expert_cache_mb,
+                        verify: opts.verify,
+                        cache_policy: opts.cache_policy,
+                    },
+                )?;
+                let blocks = pack
+                    .manifest
+                    .layers
+                    .iter()
+                    .map(|l| BlockInfo {
+                        spec: l.spec.clone(),
+                        form: format!("packed {:?}, from {}", pack.manifest.experts, l.form),
+                        node: String::new(),
+                    })
+                    .collect();
+                manifest = Some(pack.manifest);
+                (pack.proto, pack.ops, blocks, vec![], Some(pack.cache))
+            } else {
+                let detect = DetectOptions {
+                    dense_fallback: opts.dense_fallback,
+                    literal: opts.literal,
+                };
+                let imported = import_model(&files.onnx, detect)?;
+                let blocks = imported
+                    .blocks
+                    .iter()
+                    .map(|b| BlockInfo {
+                        spec: b.spec.clone(),
+                        form: b.form.to_string(),
+                        node: b.anchor.clone(),
+                    })
+                    .collect();
+                removed_initializers = imported.removed_initializers;
+                let ops = OpTable {
+                    moe: imported.layers,
+                    linear: vec![],
+                };
+                (imported.proto, ops, blocks, imported.fallbacks, None)
             };
-            let imported = import_model(&files.onnx, detect)?;
-            let blocks = imported
-                .blocks
-                .iter()
-                .map(|b| BlockInfo {
-                    spec: b.spec.clone(),
-                    form: b.form.to_string(),
-                    node: b.anchor.clone(),
-                })
-                .collect();
-            removed_initializers = imported.removed_initializers;
-            let ops = OpTable {
-                moe: imported.layers,
-                linear: vec![],
-            };
-            (imported.proto, ops, blocks, imported.fallbacks, None)
-        };
         let load_err = |reason: String| Error::ModelLoad {
             path: files.onnx.clone(),
             reason,

@@ -190,7 +190,7 @@ impl Plan {
                 let _ = state.reset_turn();
                 return Err(Error::Tract {
                     context: "running the model".into(),
-                    source: e,
+                    cause: e,
                 });
             }
         };

@@ -36,14 +36,12 @@ pub(crate) fn import_model(path: &Path, opts: DetectOptions) -> Result<ImportedM
         path: path.to_path_buf(),
         reason,
     };
-    let file = std::fs::File::open(path).map_err(Error::io(path))?;
-    // SAFETY: the mapping is read-only and only used to decode the protobuf, which copies what
-    // it keeps; it is dropped before this function returns. (A file truncated by another process
-    // while being decoded could fault; model files are not expected to change under a reader.)
-    let map = unsafe { memmap2::Mmap::map(&file) }.map_err(Error::io(path))?;
-    let mut proto = <ModelProto as prost::Message>::decode(&map[..])
+    // read, not mapped: a file truncated by another process while it is decoded must give an
+    // error, not SIGBUS (large weights live in external data files, read separately)
+    let bytes = crate::files::read_regular(path, crate::files::ONNX_LIMIT)?;
+    let mut proto = <ModelProto as prost::Message>::decode(bytes.as_slice())
         .map_err(|e| load_err(format!("not a valid ONNX protobuf ({e})")))?;
-    drop(map);
+    drop(bytes);
     let graph = proto
         .graph
         .as_ref()

@@ -29,7 +29,7 @@ impl PackFile {
     /// against the file size.
     pub fn open(path: &Path) -> Result<Self> {
         let corrupt = |m: String| Error::CorruptPack(format!("{}: {m}", path.display()));
-        let file = File::open(path).map_err(Error::io(path))?;
+        let file = crate::files::open_regular(path)?;
         let size = file.metadata().map_err(Error::io(path))?.len();
         if size < HEADER_BYTES as u64 {
             return Err(corrupt(format!(

@@ -69,7 +69,7 @@ pub struct DenseLayer {
 impl Manifest {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
-        let text = std::fs::read_to_string(&path).map_err(Error::io(&path))?;
+        let text = crate::files::read_text(&path, crate::files::TEXT_LIMIT)?;
         let m: Manifest = serde_json::from_str(&text)
             .map_err(|e| Error::CorruptPack(format!("{}: {e}", path.display())))?;
         if m.format != FORMAT_NAME || m.version != FORMAT_VERSION {

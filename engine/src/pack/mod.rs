@@ -149,7 +149,7 @@ pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack>
         linear.push(Arc::new(Q8Linear::new(m)));
     }
     let graph_path = dir.join("model.onnx");
-    let bytes = std::fs::read(&graph_path).map_err(Error::io(&graph_path))?;
+    let bytes = crate::files::read_regular(&graph_path, crate::files::ONNX_LIMIT)?;
     let proto =
         <ModelProto as prost::Message>::decode(bytes.as_slice()).map_err(|e| Error::ModelLoad {
             path: graph_path.clone(),
