@@ -395,3 +395,67 @@ fn files_that_are_not_models_are_named_and_refused_at_once() {
     );
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// Sizes read from a file or a flag are bounded before anything is allocated for them, and the
+/// logits file appears whole or not at all.
+#[test]
+fn declared_sizes_are_checked_before_allocating() {
+    let dir = std::env::temp_dir().join(format!("moe-edge-sizes-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // an .npy header declaring 2^40 ids over 16 bytes of data
+    let header = "{'descr': '<i8', 'fortran_order': False, 'shape': (1, 1099511627776), }";
+    let mut npy = b"\x93NUMPY\x01\x00".to_vec();
+    let pad = 64 - (10 + header.len() + 1) % 64;
+    let full = format!("{header}{}\n", " ".repeat(pad));
+    npy.extend_from_slice(&(full.len() as u16).to_le_bytes());
+    npy.extend_from_slice(full.as_bytes());
+    npy.extend_from_slice(&[0u8; 16]);
+    let input = dir.join("huge.npy");
+    std::fs::write(&input, npy).unwrap();
+    let output = dir.join("out.npy");
+    let stderr = assert_clean_failure(&moe_edge(&[
+        "logits",
+        "-m",
+        &tiny(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]));
+    assert!(stderr.contains("huge.npy"), "{stderr}");
+    assert!(!output.exists());
+    let stderr = assert_clean_failure(&moe_edge(&[
+        "bench",
+        "-m",
+        &tiny(),
+        "--prompt-tokens",
+        "1099511627776",
+    ]));
+    assert!(
+        stderr.contains("exceed the model's context of 256 tokens"),
+        "{stderr}"
+    );
+    // a sequence longer than the context, through logits
+    let long = ndarray::Array2::<i64>::from_elem((1, 300), 10);
+    let input = dir.join("long.npy");
+    ndarray_npy::write_npy(&input, &long).unwrap();
+    let stderr = assert_clean_failure(&moe_edge(&[
+        "logits",
+        "-m",
+        &tiny(),
+        "--input",
+        input.to_str().unwrap(),
+        "--output",
+        output.to_str().unwrap(),
+    ]));
+    assert!(stderr.contains("context is full"), "{stderr}");
+    assert!(!output.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .filter(|n| n.to_string_lossy().contains("partial"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -101,6 +101,14 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     );
     let t0 = Instant::now();
     let model = args.model.load()?;
+    // a model without a stated context still gets a bound before anything is allocated
+    let limit = model.context_limit().unwrap_or(1 << 20);
+    anyhow::ensure!(
+        args.prompt_tokens.saturating_add(args.gen_tokens) <= limit,
+        "--prompt-tokens {} + --gen-tokens {} exceed the model's context of {limit} tokens",
+        args.prompt_tokens,
+        args.gen_tokens
+    );
     // the first session builds the plan: part of loading
     let vocab = Session::new(&model)?.feed(&[1])?.len() as i64;
     let load_s = t0.elapsed().as_secs_f64();

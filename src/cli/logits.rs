@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use ndarray::{ArrayD, IxDyn};
+use ndarray_npy::ViewNpyExt;
 
 use super::ModelArgs;
 
@@ -21,7 +22,7 @@ pub struct LogitsArgs {
 }
 
 pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
-    let ids: ArrayD<i64> = ndarray_npy::read_npy(&args.input)
+    let ids = read_ids(&args.input)
         .with_context(|| format!("reading int64 ids from {}", args.input.display()))?;
     anyhow::ensure!(
         ids.ndim() == 2,
@@ -34,7 +35,41 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     let flat: Vec<i64> = ids.iter().copied().collect();
     let (logits, vocab) = model.logits(&flat, batch)?;
     let arr = ArrayD::from_shape_vec(IxDyn(&[batch, seq, vocab]), logits)?;
-    ndarray_npy::write_npy(&args.output, &arr)
-        .with_context(|| format!("writing {}", args.output.display()))?;
-    Ok(())
+    // written beside the output, then renamed: an interrupted run leaves no partial file
+    let name = args
+        .output
+        .file_name()
+        .with_context(|| format!("{} is not a file name", args.output.display()))?
+        .to_string_lossy()
+        .into_owned();
+    let tmp = args
+        .output
+        .with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    let written = ndarray_npy::write_npy(&tmp, &arr)
+        .with_context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, &args.output)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), args.output.display()))
+        });
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
+
+/// The ids of an `.npy` file, checked against the file's size before anything is allocated for
+/// them (a header may declare any shape).
+fn read_ids(path: &std::path::Path) -> anyhow::Result<ArrayD<i64>> {
+    let len = std::fs::metadata(path)?.len();
+    anyhow::ensure!(
+        len <= MAX_IDS_FILE,
+        "{len} bytes: more than the {MAX_IDS_FILE} an ids file may have"
+    );
+    let bytes = std::fs::read(path)?;
+    // the view checks the declared shape against the bytes present; only then is it copied
+    let view = ndarray::ArrayViewD::<i64>::view_npy(&bytes)?;
+    Ok(view.to_owned())
+}
+
+/// 64 MiB of ids: 8 M tokens, far beyond any context.
+const MAX_IDS_FILE: u64 = 64 << 20;

@@ -268,6 +268,10 @@ impl Model {
             )));
         }
         check_token_ids(ids, self.vocab)?;
+        let seq = ids.len() / batch;
+        if let Some(limit) = self.context_limit().filter(|&l| seq > l) {
+            return Err(Error::ContextFull { limit, needed: seq });
+        }
         let plan = self.plan(batch)?;
         let mut state = plan
             .runnable
