@@ -14,6 +14,19 @@ fn tiny() -> String {
     tiny_model().display().to_string()
 }
 
+/// `moe-edge logits` on the tiny model.
+fn logits_cmd(input: &str, output: &str) -> Output {
+    moe_edge(&[
+        "logits",
+        "-m",
+        &tiny(),
+        "--input",
+        input,
+        "--output",
+        output,
+    ])
+}
+
 fn assert_clean_failure(out: &Output) -> String {
     let stderr = String::from_utf8_lossy(&out.stderr).to_string();
     assert_eq!(out.status.code(), Some(1), "exit code; stderr: {stderr}");
@@ -170,15 +183,10 @@ fn refused_and_broken_models_exit_nonzero_without_panic() {
     let ids = dir.join("ids.npy");
     let arr = ndarray::ArrayD::<i64>::zeros(vec![3]);
     ndarray_npy::write_npy(&ids, &arr).unwrap();
-    let stderr = assert_clean_failure(&moe_edge(&[
-        "logits",
-        "-m",
-        &tiny(),
-        "--input",
+    let stderr = assert_clean_failure(&logits_cmd(
         ids.to_str().unwrap(),
-        "--output",
         dir.join("o.npy").to_str().unwrap(),
-    ]));
+    ));
     assert!(stderr.contains("[batch, seq]"), "{stderr}");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -379,15 +387,10 @@ fn files_that_are_not_models_are_named_and_refused_at_once() {
         );
     }
     // an I/O error is said once, not repeated by the error chain
-    let stderr = assert_clean_failure(&moe_edge(&[
-        "logits",
-        "-m",
-        &tiny(),
-        "--input",
+    let stderr = assert_clean_failure(&logits_cmd(
         dir.join("missing.npy").to_str().unwrap(),
-        "--output",
         dir.join("out.npy").to_str().unwrap(),
-    ]));
+    ));
     assert_eq!(
         stderr.matches("No such file or directory").count(),
         1,
@@ -414,15 +417,10 @@ fn declared_sizes_are_checked_before_allocating() {
     let input = dir.join("huge.npy");
     std::fs::write(&input, npy).unwrap();
     let output = dir.join("out.npy");
-    let stderr = assert_clean_failure(&moe_edge(&[
-        "logits",
-        "-m",
-        &tiny(),
-        "--input",
+    let stderr = assert_clean_failure(&logits_cmd(
         input.to_str().unwrap(),
-        "--output",
         output.to_str().unwrap(),
-    ]));
+    ));
     assert!(stderr.contains("huge.npy"), "{stderr}");
     assert!(!output.exists());
     let stderr = assert_clean_failure(&moe_edge(&[
@@ -440,15 +438,10 @@ fn declared_sizes_are_checked_before_allocating() {
     let long = ndarray::Array2::<i64>::from_elem((1, 300), 10);
     let input = dir.join("long.npy");
     ndarray_npy::write_npy(&input, &long).unwrap();
-    let stderr = assert_clean_failure(&moe_edge(&[
-        "logits",
-        "-m",
-        &tiny(),
-        "--input",
+    let stderr = assert_clean_failure(&logits_cmd(
         input.to_str().unwrap(),
-        "--output",
         output.to_str().unwrap(),
-    ]));
+    ));
     assert!(stderr.contains("context is full"), "{stderr}");
     assert!(!output.exists());
     let leftovers: Vec<_> = std::fs::read_dir(&dir)

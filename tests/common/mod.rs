@@ -6,25 +6,6 @@ mod fixtures;
 
 pub use fixtures::*;
 
-/// A copy of the tiny model with the chat fixtures' byte-level tokenizer and ChatML template, in a
-/// temporary directory named after `name`.
-pub fn chat_model(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("moe-edge-chat-{name}-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["model.onnx", "config.json"] {
-        std::fs::copy(tiny_model().join(f), dir.join(f)).unwrap();
-    }
-    let chat = fixtures().join("chat");
-    std::fs::copy(chat.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
-    std::fs::copy(chat.join("chatml.jinja"), dir.join("chat_template.jinja")).unwrap();
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        r#"{"eos_token": "<|im_end|>"}"#,
-    )
-    .unwrap();
-    dir
-}
-
 /// Asserts that a JSON `cache` object has the documented counters.
 pub fn assert_cache_keys(cache: &serde_json::Value) {
     for key in [

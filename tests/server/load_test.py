@@ -24,7 +24,6 @@ import http.client
 import json
 import os
 import pathlib
-import shutil
 import signal
 import statistics
 import subprocess
@@ -33,16 +32,9 @@ import tempfile
 import threading
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from support import ROOT, chat_model, start_server  # noqa: E402
 TIMEOUT_S = 300
-
-
-def chat_model(dir):
-    for f in ["model.onnx", "config.json"]:
-        shutil.copy(ROOT / "models/tiny-mixtral" / f, dir / f)
-    shutil.copy(ROOT / "tests/fixtures/chat/tokenizer.json", dir / "tokenizer.json")
-    shutil.copy(ROOT / "tests/fixtures/chat/chatml.jinja", dir / "chat_template.jinja")
-    (dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
 
 
 def request_mix():
@@ -127,18 +119,10 @@ def main():
         chat_model(src)
         subprocess.run(runner + [args.binary, "pack", str(src), "-o", str(packed), "--experts", "int8"],
                        check=True, stdout=subprocess.DEVNULL)
-        server = subprocess.Popen(runner + [args.binary, "serve", "-m", str(packed), "--addr", "127.0.0.1:0",
-                                            "--model-name", "tiny", "--parallel", str(args.parallel),
-                                            "--queue", str(args.queue), "--expert-cache-mb", "0"],
-                                  stderr=subprocess.PIPE, text=True)
+        server, url = start_server(runner + [args.binary, "serve", "-m", str(packed), "--addr", "127.0.0.1:0",
+                                             "--model-name", "tiny", "--parallel", str(args.parallel),
+                                             "--queue", str(args.queue), "--expert-cache-mb", "0"])
         try:
-            url = None
-            for line in server.stderr:
-                if line.startswith("listening on "):
-                    url = line.split("listening on ", 1)[1].strip()
-                    break
-            assert url, "the server did not start"
-            threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
             host, port = url.removeprefix("http://").rsplit(":", 1)
             addr = (host, int(port))
 

@@ -8,10 +8,8 @@ Builds the tiny model of models/ with the chat fixtures' tokenizer and ChatML te
 directory, starts the server on a free loopback port, runs the checks, stops the server with SIGTERM
 (it must exit 0). Prints 'N passed, M failed' and exits non-zero on any failure.
 """
-import json
 import os
 import pathlib
-import shutil
 import signal
 import subprocess
 import sys
@@ -19,15 +17,8 @@ import tempfile
 
 import openai
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-
-
-def chat_model(dir):
-    for f in ["model.onnx", "config.json"]:
-        shutil.copy(ROOT / "models/tiny-mixtral" / f, dir / f)
-    shutil.copy(ROOT / "tests/fixtures/chat/tokenizer.json", dir / "tokenizer.json")
-    shutil.copy(ROOT / "tests/fixtures/chat/chatml.jinja", dir / "chat_template.jinja")
-    (dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from support import ROOT, chat_model, start_server  # noqa: E402
 
 
 def main():
@@ -37,16 +28,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         model = pathlib.Path(tmp)
         chat_model(model)
-        server = subprocess.Popen(runner + [binary, "serve", "-m", str(model), "--addr", "127.0.0.1:0",
-                                            "--model-name", "tiny", "--api-key", "k", "--parallel", "2"],
-                                  stderr=subprocess.PIPE, text=True)
+        server, addr = start_server(runner + [binary, "serve", "-m", str(model), "--addr", "127.0.0.1:0",
+                                              "--model-name", "tiny", "--api-key", "k", "--parallel", "2"])
         try:
-            addr = None
-            for line in server.stderr:
-                if line.startswith("listening on "):
-                    addr = line.split("listening on ", 1)[1].strip()
-                    break
-            assert addr, "the server did not start"
             client = openai.OpenAI(base_url=addr + "/v1", api_key="k", max_retries=0, timeout=120)
             checks = []
 

@@ -12,29 +12,20 @@
 Builds the chat-capable tiny model (models/tiny-mixtral with the chat fixtures' tokenizer and ChatML
 template) in a temporary directory. Prints 'N passed' and exits non-zero on any failure.
 """
-import json
 import os
 import pathlib
 import pty
 import re
 import select
-import shutil
 import sys
 import tempfile
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from support import ROOT, chat_model  # noqa: E402
 MESSAGE = "Tell me everything about compression."
 # sampled with this seed, the reply runs until the context is full (182 tokens): long enough to cut
 ARGS = ["--system", "Be brief.", "--temperature", "1", "--seed", "2", "--max-tokens", "230"]
-
-
-def chat_model(dir):
-    for f in ["model.onnx", "config.json"]:
-        shutil.copy(ROOT / "models/tiny-mixtral" / f, dir / f)
-    shutil.copy(ROOT / "tests/fixtures/chat/tokenizer.json", dir / "tokenizer.json")
-    shutil.copy(ROOT / "tests/fixtures/chat/chatml.jinja", dir / "chat_template.jinja")
-    (dir / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|im_end|>"}))
 
 
 class Terminal:

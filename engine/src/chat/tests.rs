@@ -83,29 +83,6 @@ fn tojson_writes_what_python_json_dumps_writes() {
 }
 
 /// The tiny Mixtral of `models/` with the fixtures' byte-level tokenizer and ChatML template.
-fn chat_model() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("moe-edge-chat-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    for f in ["model.onnx", "config.json"] {
-        std::fs::copy(tiny_model().join(f), dir.join(f)).unwrap();
-    }
-    std::fs::copy(
-        chat_fixtures().join("tokenizer.json"),
-        dir.join("tokenizer.json"),
-    )
-    .unwrap();
-    std::fs::copy(
-        chat_fixtures().join("chatml.jinja"),
-        dir.join("chat_template.jinja"),
-    )
-    .unwrap();
-    std::fs::write(
-        dir.join("tokenizer_config.json"),
-        r#"{"eos_token": "<|im_end|>", "bos_token": null}"#,
-    )
-    .unwrap();
-    dir
-}
 
 fn greedy(max_tokens: usize) -> GenerateParams {
     GenerateParams {
@@ -116,7 +93,7 @@ fn greedy(max_tokens: usize) -> GenerateParams {
 
 #[test]
 fn second_turn_feeds_only_new_tokens_and_matches_a_fresh_session() {
-    let dir = chat_model();
+    let dir = chat_model("conversation");
     let model = Model::load(&dir, LoadOptions::default()).unwrap();
     let mut chat = Conversation::new(&model).unwrap();
     let im_end = model.tokenizer().unwrap().token_id("<|im_end|>").unwrap();
@@ -178,7 +155,7 @@ fn second_turn_feeds_only_new_tokens_and_matches_a_fresh_session() {
 
 #[test]
 fn old_turns_are_dropped_when_the_context_is_full() {
-    let dir = chat_model();
+    let dir = chat_model("context");
     let model = Model::load(&dir, LoadOptions::default()).unwrap();
     let limit = model.context_limit().unwrap();
     let mut chat = Conversation::new(&model).unwrap();

@@ -298,6 +298,16 @@ fn write_table(dir: &Path, mut bytes: Vec<u8>, mut header: Header, entries: &[En
     std::fs::write(dir.join("experts.bin"), bytes).unwrap();
 }
 
+/// The error of the first of a range of prompts that routes to a damaged expert.
+fn first_feed_error(model: &Model) -> String {
+    for t in 3..200i64 {
+        if let Err(err) = Session::new(model).unwrap().feed(&[t, t + 1, t + 2, t + 3]) {
+            return err.to_string();
+        }
+    }
+    panic!("no prompt routed to the damaged expert");
+}
+
 #[test]
 fn truncated_expert_file_is_refused_at_open() {
     let dir = packed_tiny("truncated");
@@ -364,17 +374,7 @@ fn flipped_byte_inside_an_expert_is_caught_at_load_and_by_verify() {
     );
     // without it, the damage is found when the expert is first loaded
     let model = Model::load(&dir, LoadOptions::default()).unwrap();
-    let mut found = None;
-    for t in 3..200i64 {
-        if let Err(err) = Session::new(&model)
-            .unwrap()
-            .feed(&[t, t + 1, t + 2, t + 3])
-        {
-            found = Some(format!("{err}"));
-            break;
-        }
-    }
-    let msg = found.expect("some prompt routes to the damaged expert");
+    let msg = first_feed_error(&model);
     assert!(msg.contains("checksum mismatch"), "{msg}");
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -421,19 +421,7 @@ fn concurrent_sessions_share_a_tiny_cache() {
 
 #[test]
 fn a_pack_keeps_the_tokenizer_and_the_chat_template() {
-    let src = scratch("chat-src");
-    std::fs::create_dir_all(&src).unwrap();
-    for f in ["model.onnx", "config.json"] {
-        std::fs::copy(tiny_model().join(f), src.join(f)).unwrap();
-    }
-    let chat = fixtures().join("chat");
-    std::fs::copy(chat.join("tokenizer.json"), src.join("tokenizer.json")).unwrap();
-    std::fs::copy(chat.join("chatml.jinja"), src.join("chat_template.jinja")).unwrap();
-    std::fs::write(
-        src.join("tokenizer_config.json"),
-        r#"{"eos_token": "<|im_end|>"}"#,
-    )
-    .unwrap();
+    let src = chat_model("pack-src");
     let dir = pack(&src, "chat", ExpertFormat::Int8);
     let original = Model::load(&src, LoadOptions::default()).unwrap();
     let packed = Model::load(&dir, LoadOptions::default()).unwrap();
@@ -700,17 +688,7 @@ fn a_nan_scale_with_a_valid_checksum_is_refused_when_the_expert_loads() {
     write_table(&dir, bytes, header, &entries);
     // the checksums hold, so the pack opens; the expert is refused when first loaded
     let model = Model::load(&dir, LoadOptions::default()).unwrap();
-    let mut found = None;
-    for t in 3..200i64 {
-        if let Err(err) = Session::new(&model)
-            .unwrap()
-            .feed(&[t, t + 1, t + 2, t + 3])
-        {
-            found = Some(format!("{err}"));
-            break;
-        }
-    }
-    let msg = found.expect("some prompt routes to the damaged expert");
+    let msg = first_feed_error(&model);
     assert!(msg.contains("non-finite scale"), "{msg}");
     std::fs::remove_dir_all(&dir).ok();
 }
