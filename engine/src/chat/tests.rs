@@ -82,8 +82,6 @@ fn tojson_writes_what_python_json_dumps_writes() {
     );
 }
 
-/// The tiny Mixtral of `models/` with the fixtures' byte-level tokenizer and ChatML template.
-
 fn greedy(max_tokens: usize) -> GenerateParams {
     GenerateParams {
         max_tokens,
