@@ -8,6 +8,14 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
+    // the engine turns panics inside tract into errors; their default message would only repeat
+    // the error printed below
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !moe_edge_engine::panic_is_caught() {
+            default_hook(info)
+        }
+    }));
     let level = match cli.verbose {
         0 => "warn",
         1 => "info",

@@ -34,6 +34,7 @@ mod config;
 mod error;
 mod files;
 mod generate;
+mod guard;
 mod model;
 mod moe;
 mod onnx;
@@ -54,6 +55,7 @@ pub use error::{Error, Result};
 pub use generate::{
     CancelHandle, Flow, GenerateParams, Generation, Generator, Step, Steps, StopReason,
 };
+pub use guard::panic_is_caught;
 pub use model::{BlockInfo, LoadOptions, Model};
 pub use moe::{Activation, MoeSpec, RoutedTokens, Routing, RoutingObserver};
 pub use onnx::forms::BlockReport;

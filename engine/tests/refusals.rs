@@ -116,3 +116,87 @@ fn missing_model_is_a_clear_error() {
     .unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
 }
+
+/// Damage inside the protobuf that decodes fine: an initializer whose data type says STRING,
+/// and flipped bits in int64 constants (shapes, axes, indices). Each load and first run is an
+/// error or a working model, never a panic.
+#[test]
+fn damaged_constants_give_errors_not_panics() {
+    use prost::Message;
+    use tract_onnx::pb::ModelProto;
+    let src = std::fs::read(tiny_model().join("model.onnx")).unwrap();
+    let dir = std::env::temp_dir().join(format!("moe-edge-constants-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(tiny_model().join("config.json"), dir.join("config.json")).unwrap();
+    let original = ModelProto::decode(src.as_slice()).unwrap();
+    let graph = original.graph.as_ref().unwrap();
+    let mut variants: Vec<(String, ModelProto)> = vec![];
+    let mut string_typed = original.clone();
+    string_typed.graph.as_mut().unwrap().initializer[0].data_type = 8;
+    variants.push(("an initializer typed STRING".into(), string_typed));
+    // int64 constants: initializers, and tensors held by Constant nodes
+    let flip = |t: &mut tract_onnx::pb::TensorProto, bit: usize| {
+        if t.raw_data.len() >= 8 {
+            let i = t.raw_data.len() - 8 + bit / 8;
+            t.raw_data[i] ^= 1 << (bit % 8);
+        } else if let Some(v) = t.int64_data.last_mut() {
+            *v ^= 1 << bit;
+        }
+    };
+    let initializers: Vec<usize> = graph
+        .initializer
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.data_type == 7)
+        .map(|(i, _)| i)
+        .collect();
+    let constants: Vec<usize> = graph
+        .node
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| {
+            n.op_type == "Constant"
+                && n.attribute
+                    .iter()
+                    .any(|a| a.t.as_ref().is_some_and(|t| t.data_type == 7))
+        })
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        initializers.len() + constants.len() > 0,
+        "the tiny model has int64 constants"
+    );
+    for (k, &ti) in initializers.iter().take(8).enumerate() {
+        let bit = [62, 40, 20, 3][k % 4];
+        let mut m = original.clone();
+        let t = &mut m.graph.as_mut().unwrap().initializer[ti];
+        flip(t, bit);
+        variants.push((format!("bit {bit} flipped in initializer {}", t.name), m));
+    }
+    for (k, &ni) in constants.iter().take(8).enumerate() {
+        let bit = [62, 40, 20, 3][k % 4];
+        let mut m = original.clone();
+        let node = &mut m.graph.as_mut().unwrap().node[ni];
+        flip(
+            node.attribute
+                .iter_mut()
+                .find_map(|a| a.t.as_mut())
+                .unwrap(),
+            bit,
+        );
+        variants.push((format!("bit {bit} flipped in constant {}", node.name), m));
+    }
+    for (what, m) in variants {
+        std::fs::write(dir.join("model.onnx"), m.encode_to_vec()).unwrap();
+        let run = std::panic::catch_unwind(|| {
+            let model = Model::load(&dir, LoadOptions::default())?;
+            moe_edge_engine::Session::new(&model)?.feed(&[10, 20, 30])
+        });
+        match run {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => assert!(!e.to_string().is_empty(), "{what}"),
+            Err(_) => panic!("{what}: the engine panicked instead of returning an error"),
+        }
+    }
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -253,7 +253,9 @@ impl Model {
         if let Some(p) = plans.get(&batch) {
             return Ok(p.clone());
         }
-        let plan = Arc::new(plan::build_plan(self, batch)?);
+        let plan = Arc::new(crate::guard::catch_panic("building the plan", || {
+            plan::build_plan(self, batch)
+        })?);
         plans.insert(batch, plan.clone());
         Ok(plan)
     }

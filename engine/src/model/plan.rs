@@ -184,14 +184,14 @@ impl Plan {
             .map_err(Error::tract("building inputs"))?;
             inputs.push(t.into_tvalue());
         }
-        let outputs = match state.run(inputs) {
+        let run = crate::guard::catch_panic("running the model", || {
+            state.run(inputs).map_err(Error::tract("running the model"))
+        });
+        let outputs = match run {
             Ok(o) => o,
             Err(e) => {
                 let _ = state.reset_turn();
-                return Err(Error::Tract {
-                    context: "running the model".into(),
-                    cause: e,
-                });
+                return Err(e);
             }
         };
         let logits = &outputs[self.logits_output];

@@ -21,6 +21,7 @@ pub(crate) use detect::DetectOptions;
 pub(crate) use rewrite::import_model;
 #[cfg(test)]
 pub(crate) use rewrite::ImportedModel;
+pub(crate) use tensors::check_constant_tensors;
 
 /// Domain of moe-edge's node types in rewritten graphs.
 pub(crate) const MOE_OP_DOMAIN: &str = "ai.moe_edge";

@@ -51,6 +51,7 @@ pub(crate) fn import_model(path: &Path, opts: DetectOptions) -> Result<ImportedM
             "the graph has no nodes or no outputs (truncated or not a model?)".into(),
         ));
     }
+    super::tensors::check_constant_tensors(graph).map_err(|e| load_err(e.to_string()))?;
     let dir = path.parent();
 
     let (detection, layers) = {

@@ -155,6 +155,12 @@ pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack>
             path: graph_path.clone(),
             reason: format!("not a valid ONNX protobuf ({e})"),
         })?;
+    if let Some(graph) = &proto.graph {
+        crate::onnx::check_constant_tensors(graph).map_err(|e| Error::ModelLoad {
+            path: graph_path.clone(),
+            reason: e.to_string(),
+        })?;
+    }
     Ok(OpenedPack {
         proto,
         ops: OpTable {
