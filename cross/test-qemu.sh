@@ -12,7 +12,8 @@
 # architecture-specific, run natively only. cortex-a76 and max run the kernel tests requiring the
 # ISAs they have (a missing one fails instead of being skipped) and two end-to-end model tests
 # (KV-cache generation against torch, an int8 pack with the smallest cache). Every CPU checks
-# the dispatch log of `moe-edge info`.
+# the dispatch log of `moe-edge info`. The C API's test program (tests/c/run.sh) runs on cortex-a72 and
+# cortex-a76 against the aarch64 libmoe_edge.so.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TARGET=aarch64-unknown-linux-gnu
@@ -63,4 +64,9 @@ for cpu in cortex-a72 cortex-a76 max; do
   echo "$log" | grep -q "int8 kernels: ${CHOSEN[$cpu]} " || { echo "error: expected ${CHOSEN[$cpu]} kernels on $cpu" >&2; exit 1; }
 done
 unset QEMU_CPU MOE_EDGE_TEST_RUNNER
-echo "qemu runs passed: kernels and engine suites on cortex-a72; kernels and end-to-end tests on cortex-a76 and max"
+# the C library of the same build: the C test program cross-compiled against libmoe_edge.so
+start=$SECONDS
+TARGET=$TARGET QEMU_CPUS="cortex-a72 cortex-a76" bash tests/c/run.sh
+echo "=== C API under qemu took $((SECONDS - start)) s"
+echo "qemu runs passed: kernels and engine suites on cortex-a72; kernels and end-to-end tests on cortex-a76 and max;"
+echo "the C API test on cortex-a72 and cortex-a76"

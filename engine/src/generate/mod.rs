@@ -107,6 +107,11 @@ impl CancelHandle {
     pub fn is_cancelled(&self) -> bool {
         self.0.load(Ordering::SeqCst)
     }
+
+    /// Clears a cancellation (a generation starting does this itself).
+    pub fn reset(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 /// Generates text over a [`Session`], which it keeps (multi-turn: take it back with
