@@ -351,8 +351,35 @@ fn files_that_are_not_models_are_named_and_refused_at_once() {
         .unwrap();
     assert!(made.success());
 
+    // a pack without its manifest; a directory as the chat template
+    let no_manifest = dir.join("no-manifest");
+    let chat_dir = dir.join("template-dir");
+    for (d, skip) in [(&no_manifest, "manifest.json"), (&chat_dir, "")] {
+        std::fs::create_dir_all(d).unwrap();
+        for f in ["model.onnx", "manifest.json", "experts.bin", "config.json"] {
+            if f != skip {
+                std::fs::copy(packed.join(f), d.join(f)).unwrap();
+            }
+        }
+    }
+    std::fs::create_dir(chat_dir.join("chat_template.jinja")).unwrap();
+    // manifests with a 100,000-character value where a short one belongs
+    let mut long_values = vec![];
+    for field in ["format", "experts", "expert_file"] {
+        let d = dir.join(format!("long-{field}"));
+        std::fs::create_dir_all(&d).unwrap();
+        for f in ["model.onnx", "experts.bin", "config.json"] {
+            std::fs::copy(packed.join(f), d.join(f)).unwrap();
+        }
+        let text = std::fs::read_to_string(packed.join("manifest.json")).unwrap();
+        let mut manifest: serde_json::Value = serde_json::from_str(&text).unwrap();
+        manifest[field] = serde_json::json!("x".repeat(100_000));
+        std::fs::write(d.join("manifest.json"), manifest.to_string()).unwrap();
+        long_values.push(d);
+    }
+
     let expert_file = packed.join("experts.bin");
-    let cases: [(&str, String, &str); 5] = [
+    let mut cases: Vec<(&str, String, &str)> = vec![
         ("/dev/null", "/dev/null".into(), "is not a regular file"),
         (
             "a pack's expert file",
@@ -374,12 +401,34 @@ fn files_that_are_not_models_are_named_and_refused_at_once() {
             dir.join("nothing.onnx").display().to_string(),
             "does not exist",
         ),
+        (
+            "a pack without its manifest",
+            no_manifest.display().to_string(),
+            "graph of a packed model (it has moe-edge's own nodes), which runs only with its pack: ",
+        ),
+        (
+            "a directory as chat_template.jinja",
+            chat_dir.display().to_string(),
+            "chat_template.jinja: not a regular file",
+        ),
     ];
+    for d in &long_values {
+        cases.push((
+            "a 100,000-character manifest value",
+            d.display().to_string(),
+            "manifest.json",
+        ));
+    }
     for (what, model, says) in cases {
         let start = std::time::Instant::now();
         let stderr =
             assert_clean_failure(&moe_edge(&["generate", "-m", &model, "--prompt-ids", "10"]));
         assert!(stderr.contains(says), "{what}: {stderr}");
+        assert!(
+            stderr.len() < 1000,
+            "{what}: a message of {} bytes",
+            stderr.len()
+        );
         assert!(
             start.elapsed() < std::time::Duration::from_secs(30),
             "{what}: took {:?}",

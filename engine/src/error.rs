@@ -72,3 +72,38 @@ impl Error {
         move |cause| Error::Io { path, cause }
     }
 }
+
+/// A value read from a file, shortened for an error message: a hostile or damaged file cannot
+/// make a message of unbounded length (the first and last characters and the length are kept).
+pub(crate) fn clip(value: &str) -> String {
+    const KEEP: usize = 40;
+    let n = value.chars().count();
+    if n <= 2 * KEEP + 20 {
+        return value.to_string();
+    }
+    let head: String = value.chars().take(KEEP).collect();
+    let tail: String = value.chars().skip(n - KEEP).collect();
+    format!("{head}[...{} characters...]{tail}", n - 2 * KEEP)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::clip;
+
+    #[test]
+    fn long_values_are_clipped_short_ones_kept() {
+        assert_eq!(clip("int8"), "int8");
+        let long = format!("{}{}", "a".repeat(50_000), "b".repeat(50_000));
+        let c = clip(&long);
+        assert_eq!(
+            c,
+            format!(
+                "{}[...99920 characters...]{}",
+                "a".repeat(40),
+                "b".repeat(40)
+            )
+        );
+        // character boundaries, not bytes
+        assert!(clip(&"é".repeat(1000)).starts_with(&"é".repeat(40)));
+    }
+}

@@ -57,7 +57,10 @@ impl ChatTemplate {
     /// come from `tokenizer_config.json`.
     pub(crate) fn find(dir: &Path) -> Result<Option<Self>> {
         let config = dir.join("tokenizer_config.json");
-        let json: serde_json::Value = if config.is_file() {
+        // something by either name is read, and refused unless it is a regular file (a directory
+        // or a FIFO is an error, not a reason to look elsewhere)
+        let present = |p: &Path| p.symlink_metadata().is_ok();
+        let json: serde_json::Value = if present(&config) {
             let text = crate::files::read_text(&config, crate::files::TEXT_LIMIT)?;
             serde_json::from_str(&text).map_err(|e| Error::ModelLoad {
                 path: config.clone(),
@@ -73,7 +76,7 @@ impl ChatTemplate {
         };
         let (bos_token, eos_token) = (token("bos_token"), token("eos_token"));
         let jinja = dir.join("chat_template.jinja");
-        let (source, file) = if jinja.is_file() {
+        let (source, file) = if present(&jinja) {
             let source = crate::files::read_text(&jinja, crate::files::TEXT_LIMIT)?;
             (source, jinja)
         } else {

@@ -14,7 +14,7 @@ use super::detect::{detect_blocks, DetectOptions};
 use super::forms::{BlockDescription, BlockReport};
 use super::graph::GraphIndex;
 use super::load::load_layer;
-use super::{moe_edge_node, MOE_OP_DOMAIN, MOE_OP_TYPE};
+use super::{moe_edge_node, LINEAR_OP_TYPE, MOE_OP_DOMAIN, MOE_OP_TYPE};
 use crate::error::{Error, Result};
 use crate::moe::layer::MoeLayer;
 
@@ -52,6 +52,24 @@ pub(crate) fn import_model(path: &Path, opts: DetectOptions) -> Result<ImportedM
         ));
     }
     super::tensors::check_constant_tensors(graph).map_err(|e| load_err(e.to_string()))?;
+    // a packed model's graph names experts that only its manifest and expert file describe
+    if graph
+        .node
+        .iter()
+        .any(|n| n.op_type == MOE_OP_TYPE || n.op_type == LINEAR_OP_TYPE)
+    {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let manifest = dir.join(crate::pack::MANIFEST_FILE);
+        let what = if manifest.is_file() {
+            format!("load the pack's directory {}", dir.display())
+        } else {
+            format!("{} is missing", manifest.display())
+        };
+        return Err(load_err(format!(
+            "this is the graph of a packed model (it has moe-edge's own nodes), which runs only \
+             with its pack: {what}"
+        )));
+    }
     let dir = path.parent();
 
     let (detection, layers) = {

@@ -127,7 +127,7 @@ impl PackFile {
     /// cache (a hint: failure only warns).
     pub fn read_range(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
-        self.file.read_exact_at(&mut buf, offset).map_err(|e| {
+        self.read_exact_at(&mut buf, offset).map_err(|e| {
             Error::CorruptPack(format!(
                 "{}: reading {what} at {offset}..{}: {e}",
                 self.path.display(),
@@ -136,6 +136,14 @@ impl PackFile {
         })?;
         self.drop_from_page_cache(offset, len);
         Ok(buf)
+    }
+
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+        #[cfg(test)]
+        if let Some(e) = faults::injected(&self.path) {
+            return Err(e);
+        }
+        self.file.read_exact_at(buf, offset)
     }
 
     fn drop_from_page_cache(&self, offset: u64, len: usize) {
@@ -188,4 +196,36 @@ pub fn check_crc(file: &PackFile, e: &Entry, bytes: &[u8]) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+/// Fault injection for tests: the reads of one expert file fail with EIO once a number of them
+/// have succeeded.
+#[cfg(test)]
+pub(crate) mod faults {
+    use std::collections::HashMap;
+    use std::path::{Path, PathBuf};
+    use std::sync::{LazyLock, Mutex};
+
+    /// path -> reads that still succeed
+    static PLAN: LazyLock<Mutex<HashMap<PathBuf, usize>>> = LazyLock::new(Default::default);
+
+    /// Reads of `path` fail after `succeeding` more of them succeed.
+    pub(crate) fn fail_reads_after(path: &Path, succeeding: usize) {
+        PLAN.lock().unwrap().insert(path.to_path_buf(), succeeding);
+    }
+
+    /// Reads of `path` succeed again.
+    pub(crate) fn clear(path: &Path) {
+        PLAN.lock().unwrap().remove(path);
+    }
+
+    pub(super) fn injected(path: &Path) -> Option<std::io::Error> {
+        let mut plan = PLAN.lock().unwrap();
+        let left = plan.get_mut(path)?;
+        if *left > 0 {
+            *left -= 1;
+            return None;
+        }
+        Some(std::io::Error::from_raw_os_error(libc::EIO))
+    }
 }

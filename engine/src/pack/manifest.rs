@@ -4,7 +4,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::error::{Error, Result};
+use crate::error::{clip, Error, Result};
 use crate::moe::MoeSpec;
 
 pub const MANIFEST_FILE: &str = "manifest.json";
@@ -70,13 +70,14 @@ impl Manifest {
     pub fn read(dir: &Path) -> Result<Self> {
         let path = dir.join(MANIFEST_FILE);
         let text = crate::files::read_text(&path, crate::files::TEXT_LIMIT)?;
-        let m: Manifest = serde_json::from_str(&text)
-            .map_err(|e| Error::CorruptPack(format!("{}: {e}", path.display())))?;
+        let m: Manifest = serde_json::from_str(&text).map_err(|e| {
+            Error::CorruptPack(format!("{}: {}", path.display(), clip(&e.to_string())))
+        })?;
         if m.format != FORMAT_NAME || m.version != FORMAT_VERSION {
             return Err(Error::CorruptPack(format!(
                 "{}: format {} v{} is not {FORMAT_NAME} v{FORMAT_VERSION}",
                 path.display(),
-                m.format,
+                clip(&m.format),
                 m.version
             )));
         }

@@ -27,7 +27,7 @@ use crate::ops::{OpTable, Q8Linear};
 use cache::ExpertCache;
 use file::PackFile;
 use format::{Entry, TensorFormat, TensorKind};
-use manifest::MANIFEST_FILE;
+pub(crate) use manifest::MANIFEST_FILE;
 
 pub use cache::{CacheCounters, CacheStats, EvictionPolicy};
 pub use manifest::{DenseLayer, ExpertFormat, Manifest, PackLayer, SourceInfo};

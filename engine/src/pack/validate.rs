@@ -24,13 +24,15 @@ pub(crate) fn expert_file_name(manifest: &Manifest) -> Result<&str> {
         && name != ".."
         && !name.contains('/')
         && !name.contains('\\')
-        && !name.contains('\0');
+        && !name.contains('\0')
+        // NAME_MAX: a longer name cannot be a file
+        && name.len() <= 255;
     if plain {
         Ok(name)
     } else {
         Err(Error::CorruptPack(format!(
             "{MANIFEST_FILE}: expert_file must name a file inside the pack directory, got {:?}",
-            name.chars().take(80).collect::<String>()
+            crate::error::clip(name)
         )))
     }
 }

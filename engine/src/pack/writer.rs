@@ -455,6 +455,44 @@ fn source_info(files: &ModelFiles) -> Result<SourceInfo> {
     })
 }
 
+/// Removes what a pack into `parent/name` killed by another process left: its hidden
+/// `.name.partial-PID` and `.name.old-PID` directories, when process PID is gone (a pack still
+/// running keeps its own). An earlier pack moved aside with no pack in its place is put back.
+/// Failures only warn: the new pack does not need them gone.
+fn remove_leftovers(parent: &Path, name: &str) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file_name = entry.file_name().to_string_lossy().into_owned();
+        let pid = [".partial-", ".old-"].iter().find_map(|tag| {
+            file_name
+                .strip_prefix(&format!(".{name}{tag}"))
+                .and_then(|pid| pid.parse::<u32>().ok())
+        });
+        let Some(pid) = pid else { continue };
+        let running = pid == std::process::id() || Path::new(&format!("/proc/{pid}")).exists();
+        if running {
+            continue;
+        }
+        let path = entry.path();
+        let out = parent.join(name);
+        if file_name.contains(".old-") && !out.exists() {
+            // killed between moving the earlier pack aside and putting the new one in its place:
+            // the earlier pack goes back
+            match std::fs::rename(&path, &out) {
+                Ok(()) => log::info!("restored {} from an interrupted pack", out.display()),
+                Err(e) => log::warn!("cannot restore {}: {e}", out.display()),
+            }
+            continue;
+        }
+        match std::fs::remove_dir_all(&path) {
+            Ok(()) => log::info!("removed {}, left by an interrupted pack", path.display()),
+            Err(e) => log::warn!("cannot remove {}: {e}", path.display()),
+        }
+    }
+}
+
 /// Where a pack is written: a hidden temporary directory beside the output, renamed into place
 /// when everything is written and synced, so that an interrupted or failed pack leaves no
 /// directory under the output's name that would open (and never touches the source model).
@@ -500,6 +538,7 @@ impl OutputDir {
             _ => PathBuf::from("."),
         };
         std::fs::create_dir_all(&parent).map_err(Error::io(&parent))?;
+        remove_leftovers(&parent, &name);
         let partial = parent.join(format!(".{name}.partial-{}", std::process::id()));
         if partial.exists() {
             std::fs::remove_dir_all(&partial).map_err(Error::io(&partial))?;
