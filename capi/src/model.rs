@@ -142,7 +142,8 @@ pub(crate) unsafe fn model_ref<'a>(p: *const moe_edge_model) -> Outcome<&'a moe_
     unsafe { p.as_ref() }.ok_or_else(|| null("model"))
 }
 
-fn tokenizer(model: &Model) -> Outcome<&moe_edge_engine::Tokenizer> {
+/// The model's tokenizer, or the error every call that needs one gives.
+pub(crate) fn tokenizer(model: &Model) -> Outcome<&moe_edge_engine::Tokenizer> {
     model.tokenizer().ok_or_else(|| {
         Failure(
             MOE_EDGE_ERR_UNSUPPORTED,

@@ -10,7 +10,7 @@ use moe_edge_engine::{
     Session, StopReason,
 };
 
-use crate::model::{check_struct_size, model_ref, moe_edge_model};
+use crate::model::{check_struct_size, model_ref, moe_edge_model, tokenizer};
 use crate::status::*;
 
 /// Called with each piece of text as it is generated: `piece` (UTF-8, `len` bytes, not
@@ -169,7 +169,7 @@ pub unsafe extern "C" fn moe_edge_session_free(session: *mut moe_edge_session) {
 pub unsafe extern "C" fn moe_edge_cancel(session: *const moe_edge_session) -> moe_edge_status {
     guard(|| {
         // SAFETY: NULL or live (contract); only the cancel flag, an atomic, is touched.
-        let s = unsafe { session.as_ref() }.ok_or_else(|| null("session"))?;
+        let s = unsafe { session_ref(session) }?;
         s.cancel.cancel();
         Ok(())
     })
@@ -183,10 +183,17 @@ pub unsafe extern "C" fn moe_edge_cancel(session: *const moe_edge_session) -> mo
 pub unsafe extern "C" fn moe_edge_session_reset(session: *mut moe_edge_session) -> moe_edge_status {
     guard(|| {
         // SAFETY: caller's contract.
-        let s = unsafe { session.as_ref() }.ok_or_else(|| null("session"))?;
+        let s = unsafe { session_ref(session) }?;
         *lock(s)? = Mode::Fresh;
         Ok(())
     })
+}
+
+/// # Safety
+/// `p` is NULL or a live session handle.
+unsafe fn session_ref<'a>(p: *const moe_edge_session) -> Outcome<&'a moe_edge_session> {
+    // SAFETY: NULL or a live handle (caller's contract).
+    unsafe { p.as_ref() }.ok_or_else(|| null("session"))
 }
 
 fn lock(s: &moe_edge_session) -> Outcome<std::sync::MutexGuard<'_, Mode>> {
@@ -323,17 +330,12 @@ pub unsafe extern "C" fn moe_edge_generate(
 ) -> moe_edge_status {
     guard(|| {
         // SAFETY: caller's contract.
-        let s = unsafe { session.as_ref() }.ok_or_else(|| null("session"))?;
+        let s = unsafe { session_ref(session) }?;
         // SAFETY: caller's contract.
         let prompt = unsafe { utf8(prompt, "prompt") }?;
         // SAFETY: caller's contract.
         let params = generate_params(&s.model, &unsafe { read_params(params) }?)?;
-        let tokenizer = s.model.tokenizer().ok_or_else(|| {
-            Failure(
-                MOE_EDGE_ERR_UNSUPPORTED,
-                "the model has no tokenizer.json".into(),
-            )
-        })?;
+        let tokenizer = tokenizer(&s.model)?;
         let mut state = lock(s)?;
         let session = match std::mem::replace(&mut *state, Mode::Fresh) {
             Mode::Fresh => None,
@@ -397,7 +399,7 @@ pub unsafe extern "C" fn moe_edge_chat(
 ) -> moe_edge_status {
     guard(|| {
         // SAFETY: caller's contract.
-        let s = unsafe { session.as_ref() }.ok_or_else(|| null("session"))?;
+        let s = unsafe { session_ref(session) }?;
         // SAFETY: caller's contract.
         let message = unsafe { utf8(message, "message") }?;
         let system = if system.is_null() {
