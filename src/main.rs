@@ -1,8 +1,6 @@
 //! The `moe-edge` command-line tool.
 
-mod cli;
-mod procstats;
-mod serve;
+use moe_edge_cli::cli;
 
 use clap::Parser;
 

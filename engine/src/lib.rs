@@ -31,8 +31,12 @@
 
 mod chat;
 mod config;
+mod durable;
 mod error;
 mod files;
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing;
 mod generate;
 mod guard;
 mod model;
@@ -51,6 +55,7 @@ mod test_support;
 
 pub use chat::{ChatMessage, ChatTemplate, Conversation};
 pub use config::ModelConfig;
+pub use durable::{persist, sync_dir};
 pub use error::{Error, Result};
 pub use generate::{
     CancelHandle, Flow, GenerateParams, Generation, Generator, Step, Steps, StopReason,

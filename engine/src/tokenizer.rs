@@ -19,8 +19,11 @@ impl std::fmt::Debug for Tokenizer {
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
         let bytes = crate::files::read_regular(path, crate::files::TEXT_LIMIT)?;
-        let inner = tokenizers::Tokenizer::from_bytes(bytes)
-            .map_err(|e| Error::Tokenizer(format!("{}: {e}", path.display())))?;
+        let invalid = |e: String| Error::Tokenizer(format!("{}: {e}", path.display()));
+        let inner = guarded(
+            || tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| invalid(e.to_string())),
+            |panic| invalid(format!("not a tokenizer this version can read ({panic})")),
+        )?;
         Ok(Tokenizer { inner })
     }
 
@@ -31,10 +34,14 @@ impl Tokenizer {
 
     /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        let enc = self
-            .inner
-            .encode(text, true)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = guarded(
+            || {
+                self.inner
+                    .encode(text, true)
+                    .map_err(|e| Error::Tokenizer(e.to_string()))
+            },
+            failed("encoding"),
+        )?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
@@ -46,18 +53,27 @@ impl Tokenizer {
                 u32::try_from(i).map_err(|_| Error::Tokenizer(format!("token id {i} is negative")))
             })
             .collect::<Result<Vec<u32>>>()?;
-        self.inner
-            .decode(&ids, true)
-            .map_err(|e| Error::Tokenizer(e.to_string()))
+        guarded(
+            || {
+                self.inner
+                    .decode(&ids, true)
+                    .map_err(|e| Error::Tokenizer(e.to_string()))
+            },
+            failed("decoding"),
+        )
     }
 
     /// Token ids of `text` as it is, special tokens written in it included, without the ones the
     /// post-processor would add (a rendered chat template already has them).
     pub fn encode_raw(&self, text: &str) -> Result<Vec<i64>> {
-        let enc = self
-            .inner
-            .encode(text, false)
-            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        let enc = guarded(
+            || {
+                self.inner
+                    .encode(text, false)
+                    .map_err(|e| Error::Tokenizer(e.to_string()))
+            },
+            failed("encoding"),
+        )?;
         Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
     }
 
@@ -75,6 +91,16 @@ impl Tokenizer {
     pub fn token_id(&self, token: &str) -> Option<i64> {
         self.inner.token_to_id(token).map(i64::from)
     }
+}
+
+/// `tokenizers` panics on some inputs its own checks let through (a malformed decoder in
+/// `tokenizer.json`, for one): those become errors.
+fn guarded<T>(f: impl FnOnce() -> Result<T>, to_error: impl FnOnce(String) -> Error) -> Result<T> {
+    crate::guard::catch_library_panic(f, to_error)
+}
+
+fn failed(what: &'static str) -> impl FnOnce(String) -> Error {
+    move |panic| Error::Tokenizer(format!("the tokenizer failed while {what} ({panic})"))
 }
 
 /// Turns a growing token sequence into text pieces as tokens arrive: each piece is what the new
@@ -118,5 +144,26 @@ impl TextStream {
         } else {
             Ok(String::new())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `{"decoder":` (JSON cut off after the decoder's key) makes `tokenizers` panic while it
+    /// reads the file (found by the `companions` fuzz target).
+    #[test]
+    fn a_tokenizer_that_makes_tokenizers_panic_is_an_error_naming_the_file() {
+        let dir = std::env::temp_dir().join(format!("moe-edge-tok-panic-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tokenizer.json");
+        std::fs::write(&path, r#"{"decoder":"#).unwrap();
+        let err = Tokenizer::from_file(&path).unwrap_err().to_string();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(
+            err.contains("tokenizer.json") && err.contains("not a tokenizer this version can read"),
+            "{err}"
+        );
     }
 }

@@ -200,3 +200,37 @@ fn damaged_constants_give_errors_not_panics() {
     }
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A node with fewer inputs than its operator takes (a MatMul with one input, found by the
+/// `onnx` fuzz target as a panic in the matchers) is refused, naming the node, in a model and in
+/// a pack's graph.
+#[test]
+fn a_node_missing_inputs_is_refused_naming_it() {
+    use prost::Message;
+    use tract_onnx::pb::ModelProto;
+    let src = fixtures().join("hf-moe/blocks/mixtral/legacy_batched/model.onnx");
+    let mut m = ModelProto::decode(std::fs::read(&src).unwrap().as_slice()).unwrap();
+    let node = m
+        .graph
+        .as_mut()
+        .unwrap()
+        .node
+        .iter_mut()
+        .find(|n| n.op_type == "MatMul")
+        .expect("the block has a MatMul");
+    node.input.truncate(1);
+    let name = node.name.clone();
+    let dir = std::env::temp_dir().join(format!("moe-edge-arity-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("model.onnx"), m.encode_to_vec()).unwrap();
+    let err = Model::load(&dir, LoadOptions::default())
+        .unwrap_err()
+        .to_string();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        err.contains(&name)
+            && err.contains("has 1 inputs")
+            && err.contains("MatMul takes at least 2"),
+        "{err}"
+    );
+}

@@ -5,7 +5,6 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use ndarray::{ArrayD, IxDyn};
-use ndarray_npy::ViewNpyExt;
 
 use super::ModelArgs;
 
@@ -35,7 +34,8 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     let flat: Vec<i64> = ids.iter().copied().collect();
     let (logits, vocab) = model.logits(&flat, batch)?;
     let arr = ArrayD::from_shape_vec(IxDyn(&[batch, seq, vocab]), logits)?;
-    // written beside the output, then renamed: an interrupted run leaves no partial file
+    // written beside the output, synced, then renamed: an interrupted run or a crash leaves no
+    // partial file
     let name = args
         .output
         .file_name()
@@ -48,7 +48,7 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     let written = ndarray_npy::write_npy(&tmp, &arr)
         .with_context(|| format!("writing {}", tmp.display()))
         .and_then(|()| {
-            std::fs::rename(&tmp, &args.output)
+            moe_edge_engine::persist(&tmp, &args.output)
                 .with_context(|| format!("renaming {} to {}", tmp.display(), args.output.display()))
         });
     if written.is_err() {
@@ -65,10 +65,13 @@ fn read_ids(path: &std::path::Path) -> anyhow::Result<ArrayD<i64>> {
         len <= MAX_IDS_FILE,
         "{len} bytes: more than the {MAX_IDS_FILE} an ids file may have"
     );
-    let bytes = std::fs::read(path)?;
-    // the view checks the declared shape against the bytes present; only then is it copied
-    let view = ndarray::ArrayViewD::<i64>::view_npy(&bytes)?;
-    Ok(view.to_owned())
+    ids_from_npy(&std::fs::read(path)?)
+}
+
+/// The int64 array of an `.npy` file's bytes.
+pub fn ids_from_npy(bytes: &[u8]) -> anyhow::Result<ArrayD<i64>> {
+    let a = super::npy::read_i64(bytes)?;
+    Ok(ArrayD::from_shape_vec(IxDyn(&a.shape), a.data)?)
 }
 
 /// 64 MiB of ids: 8 M tokens, far beyond any context.

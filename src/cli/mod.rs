@@ -6,6 +6,7 @@ pub mod generate;
 pub mod info;
 pub mod inspect;
 pub mod logits;
+pub mod npy;
 pub mod pack;
 pub mod serve;
 
@@ -40,7 +41,7 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// What this CPU supports and which kernels moe-edge chose.
     Info,
-    /// Quantise a model's experts into a packed, memory-mapped model directory.
+    /// Quantise a model's experts into a packed model directory (experts read on demand).
     Pack(pack::PackArgs),
     /// Measure load time, time to first token, prefill and decode speed, memory.
     Bench(bench::BenchArgs),

@@ -2,7 +2,7 @@
 //! requests (routing, SSE streaming, graceful shutdown); generation runs on the worker threads
 //! of [`worker`], a fixed number of sessions behind a bounded queue.
 
-mod api;
+pub mod api;
 mod page;
 mod worker;
 

@@ -164,6 +164,9 @@ impl ChatTemplate {
 /// The error with the construct and line it concerns.
 fn describe(e: &minijinja::Error) -> String {
     let what = match e.detail() {
+        _ if e.kind() == ErrorKind::OutOfFuel => {
+            format!("the template ran more than {TEMPLATE_FUEL} instructions without finishing")
+        }
         Some(detail) if detail.starts_with("raise_exception: ") => format!(
             "the template raised an exception: {}",
             &detail["raise_exception: ".len()..]
@@ -177,8 +180,14 @@ fn describe(e: &minijinja::Error) -> String {
     }
 }
 
+/// The most instructions one rendering may run: a template is code from a model's files, and
+/// one that loops for ever (or for 10^10 steps) must end in an error, not hang. Real templates
+/// run tens of instructions per message.
+const TEMPLATE_FUEL: u64 = 20_000_000;
+
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
     env.set_syntax(
         minijinja::syntax::SyntaxConfig::builder()
             .trim_blocks(true)

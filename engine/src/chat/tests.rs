@@ -63,6 +63,21 @@ fn template_errors_name_the_construct() {
 }
 
 #[test]
+fn a_template_that_does_not_end_is_stopped() {
+    // 10^10 iterations: without a bound this renders for hours
+    let endless = ChatTemplate::new(
+        "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}",
+        None,
+        None,
+    );
+    let err = endless
+        .render(&[ChatMessage::new("user", "a")], true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("instructions without finishing"), "{err}");
+}
+
+#[test]
 fn tojson_writes_what_python_json_dumps_writes() {
     // json.dumps({"name": "tar", "args": ["-c", 1, True, None], "note": "Grüße \"x\"\n"}, ensure_ascii=False)
     let t = ChatTemplate::new(

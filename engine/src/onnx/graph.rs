@@ -196,3 +196,72 @@ pub fn layer_in_name(name: &str) -> Option<usize> {
     }
     None
 }
+
+/// The fewest inputs and outputs a node of the standard domain must have for its operator, for
+/// the operators moe-edge's matchers read by position (as of the opsets the exporters write:
+/// `Reshape`'s shape, `TopK`'s k and `Slice`'s starts and ends are inputs). Every other standard
+/// operator takes at least one input (except the generators) and every node has an output.
+const ARITY: [(&str, usize, usize); 33] = [
+    ("Add", 2, 1),
+    ("Sub", 2, 1),
+    ("Mul", 2, 1),
+    ("Div", 2, 1),
+    ("Equal", 2, 1),
+    ("MatMul", 2, 1),
+    ("Gemm", 2, 1),
+    ("Reshape", 2, 1),
+    ("Expand", 2, 1),
+    ("Tile", 2, 1),
+    ("Gather", 2, 1),
+    ("GatherElements", 2, 1),
+    ("GatherND", 2, 1),
+    ("CumSum", 2, 1),
+    ("TopK", 2, 2),
+    ("Slice", 3, 1),
+    ("OneHot", 3, 1),
+    ("Range", 3, 1),
+    ("Where", 3, 1),
+    ("ScatterElements", 3, 1),
+    ("ScatterND", 3, 1),
+    ("Cast", 1, 1),
+    ("Softmax", 1, 1),
+    ("Sigmoid", 1, 1),
+    ("Unsqueeze", 1, 1),
+    ("Squeeze", 1, 1),
+    ("Flatten", 1, 1),
+    ("Split", 1, 1),
+    ("ReduceSum", 1, 1),
+    ("NonZero", 1, 1),
+    ("Identity", 1, 1),
+    ("Transpose", 1, 1),
+    ("Concat", 1, 1),
+];
+
+/// Operators of the standard domain that take no input.
+const GENERATORS: [&str; 3] = ["Constant", "RandomNormal", "RandomUniform"];
+
+/// Refuses a graph with a node that has fewer inputs or outputs than its operator takes: such a
+/// graph is not valid ONNX, and the matchers read inputs by position.
+pub(crate) fn check_node_arity(graph: &GraphProto) -> Result<(), String> {
+    for (i, node) in graph.node.iter().enumerate() {
+        let standard = node.domain.is_empty() || node.domain == "ai.onnx";
+        let (inputs, outputs) = match ARITY.iter().find(|(op, ..)| *op == node.op_type) {
+            Some(&(_, inputs, outputs)) if standard => (inputs, outputs),
+            _ if standard && !GENERATORS.contains(&node.op_type.as_str()) => (1, 1),
+            _ => (0, 1),
+        };
+        if node.input.len() < inputs || node.output.len() < outputs {
+            return Err(format!(
+                "node {} ('{}', {}) has {} inputs and {} outputs; {} takes at least {inputs} and \
+                 {outputs}",
+                i,
+                crate::error::clip(&node.name),
+                crate::error::clip(&node.op_type),
+                node.input.len(),
+                node.output.len(),
+                crate::error::clip(&node.op_type),
+            ));
+        }
+    }
+    Ok(())
+}

@@ -18,6 +18,7 @@ pub(crate) mod rewrite;
 pub(crate) mod tensors;
 
 pub(crate) use detect::DetectOptions;
+pub(crate) use graph::check_node_arity;
 pub(crate) use rewrite::import_model;
 #[cfg(test)]
 pub(crate) use rewrite::ImportedModel;

@@ -52,6 +52,7 @@ pub(crate) fn import_model(path: &Path, opts: DetectOptions) -> Result<ImportedM
         ));
     }
     super::tensors::check_constant_tensors(graph).map_err(|e| load_err(e.to_string()))?;
+    super::graph::check_node_arity(graph).map_err(load_err)?;
     // a packed model's graph names experts that only its manifest and expert file describe
     if graph
         .node

@@ -223,7 +223,7 @@ impl Header {
                 u32_at(8)
             )));
         }
-        if crc32fast::hash(&b[..60]) != u32_at(60) {
+        if crc32fast::hash(&b[..60]) != u32_at(60) && !cfg!(fuzzing) {
             return Err(Error::CorruptPack("header checksum mismatch".into()));
         }
         Ok(Header {

@@ -153,6 +153,10 @@ pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack>
             path: graph_path.clone(),
             reason: e.to_string(),
         })?;
+        crate::onnx::check_node_arity(graph).map_err(|reason| Error::ModelLoad {
+            path: graph_path.clone(),
+            reason,
+        })?;
     }
     Ok(OpenedPack {
         proto,

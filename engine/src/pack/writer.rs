@@ -568,6 +568,8 @@ impl OutputDir {
                 .map(|n| n.to_string_lossy().replace(".partial-", ".old-"))
                 .unwrap_or_default(),
         );
+        // the files' directory entries, before the directory is renamed into place
+        crate::durable::sync_dir(&self.partial).map_err(Error::io(&self.partial))?;
         let replacing = self.out.exists();
         if replacing {
             std::fs::rename(&self.out, &old).map_err(Error::io(&self.out))?;
@@ -579,13 +581,12 @@ impl OutputDir {
             let _ = std::fs::remove_dir_all(&self.partial);
             return Err(Error::io(&self.out)(e));
         }
-        if let Some(parent) = self.out.parent().filter(|p| !p.as_os_str().is_empty()) {
-            let _ = File::open(parent).and_then(|d| d.sync_all());
-        }
         if replacing {
             let _ = std::fs::remove_dir_all(&old);
         }
-        Ok(())
+        // the rename is durable once the parent's entries are
+        let parent = self.out.parent().unwrap_or(Path::new("."));
+        crate::durable::sync_dir(parent).map_err(Error::io(parent))
     }
 
     fn discard(self) {

@@ -1,0 +1,7 @@
+//! The `moe-edge` command-line tool as a library: its subcommands ([`cli`]) and the
+//! OpenAI-compatible server ([`serve`]). The binary in `main.rs` parses the command line and
+//! calls [`cli::run`]; the fuzz targets in `fuzz/` call the request and file parsers directly.
+
+pub mod cli;
+mod procstats;
+pub mod serve;
