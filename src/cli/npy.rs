@@ -3,6 +3,7 @@
 //! False, 'shape': (2, 7), }`) is accepted. A general Python-literal parser is not used on
 //! purpose: the one `ndarray-npy` uses takes exponential time on nested brackets, so that a
 //! 128-byte header hangs it (found by the `npy` fuzz target).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use anyhow::{bail, ensure, Context, Result};
 
@@ -24,23 +25,20 @@ pub struct I64Array {
 /// Parses an `.npy` file's bytes as an int64 array. The declared shape is checked against the
 /// bytes present before anything is allocated for it.
 pub fn read_i64(bytes: &[u8]) -> Result<I64Array> {
+    let ends = "the file ends in its header";
     let rest = bytes
         .strip_prefix(MAGIC)
         .context("not an .npy file (no \\x93NUMPY magic)")?;
-    let (&major, rest) = rest.split_first().context("the file ends in its header")?;
-    let (_minor, rest) = rest.split_first().context("the file ends in its header")?;
+    let (&major, rest) = rest.split_first().context(ends)?;
+    let (_minor, rest) = rest.split_first().context(ends)?;
     let (header_len, rest) = match major {
         1 => {
-            let (len, rest) = rest
-                .split_at_checked(2)
-                .context("the file ends in its header")?;
-            (usize::from(u16::from_le_bytes([len[0], len[1]])), rest)
+            let (len, rest) = rest.split_first_chunk::<2>().context(ends)?;
+            (usize::from(u16::from_le_bytes(*len)), rest)
         }
         2 | 3 => {
-            let (len, rest) = rest
-                .split_at_checked(4)
-                .context("the file ends in its header")?;
-            let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]);
+            let (len, rest) = rest.split_first_chunk::<4>().context(ends)?;
+            let len = u32::from_le_bytes(*len);
             (usize::try_from(len).unwrap_or(usize::MAX), rest)
         }
         v => bail!("format version {v} is not one NumPy writes (1, 2 or 3)"),
@@ -49,9 +47,7 @@ pub fn read_i64(bytes: &[u8]) -> Result<I64Array> {
         header_len <= MAX_HEADER,
         "a header of {header_len} bytes is longer than the {MAX_HEADER} accepted"
     );
-    let (header, data) = rest
-        .split_at_checked(header_len)
-        .context("the file ends in its header")?;
+    let (header, data) = rest.split_at_checked(header_len).context(ends)?;
     let header = std::str::from_utf8(header).context("the header is not text")?;
     let fields = parse_header(header)?;
     ensure!(
@@ -75,13 +71,10 @@ pub fn read_i64(bytes: &[u8]) -> Result<I64Array> {
         fields.shape,
         data.len()
     );
-    let data = data
-        .chunks_exact(8)
-        .map(|c| i64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
-        .collect();
+    let (elements, _) = data.as_chunks::<8>();
     Ok(I64Array {
         shape: fields.shape,
-        data,
+        data: elements.iter().map(|&c| i64::from_le_bytes(c)).collect(),
     })
 }
 
@@ -93,9 +86,10 @@ struct Header {
 
 /// The header's dictionary: exactly the keys `descr`, `fortran_order` and `shape`, in any order.
 fn parse_header(text: &str) -> Result<Header> {
+    let text = text.trim_end_matches(['\n', ' ', '\0']).as_bytes();
     let mut p = Parser {
-        s: text.trim_end_matches(['\n', ' ', '\0']).as_bytes(),
-        at: 0,
+        whole: text.len(),
+        rest: text,
     };
     let (mut descr, mut fortran_order, mut shape) = (None, None, None);
     p.expect(b'{')?;
@@ -123,7 +117,7 @@ fn parse_header(text: &str) -> Result<Header> {
     }
     p.skip_spaces();
     ensure!(
-        p.at == p.s.len(),
+        p.rest.is_empty(),
         "the header has text after its dictionary"
     );
     Ok(Header {
@@ -133,22 +127,26 @@ fn parse_header(text: &str) -> Result<Header> {
     })
 }
 
+/// A cursor over the header's bytes.
 struct Parser<'a> {
-    s: &'a [u8],
-    at: usize,
+    whole: usize,
+    rest: &'a [u8],
 }
 
-impl Parser<'_> {
-    fn peek(&self) -> Option<u8> {
-        self.s.get(self.at).copied()
+impl<'a> Parser<'a> {
+    /// Where the cursor is, for messages.
+    fn at(&self) -> usize {
+        self.whole.saturating_sub(self.rest.len())
     }
 
     fn eat(&mut self, c: u8) -> bool {
-        let found = self.peek() == Some(c);
-        if found {
-            self.at += 1;
+        match self.rest.split_first() {
+            Some((&first, tail)) if first == c => {
+                self.rest = tail;
+                true
+            }
+            _ => false,
         }
-        found
     }
 
     fn expect(&mut self, c: u8) -> Result<()> {
@@ -156,46 +154,47 @@ impl Parser<'_> {
             self.eat(c),
             "the header's dictionary is malformed: expected '{}' at byte {}",
             c as char,
-            self.at
+            self.at()
         );
         Ok(())
     }
 
     fn skip_spaces(&mut self) {
-        while self.peek() == Some(b' ') {
-            self.at += 1;
-        }
+        while self.eat(b' ') {}
+    }
+
+    /// The longest prefix whose bytes satisfy `keep`, consumed.
+    fn take_while(&mut self, keep: impl Fn(u8) -> bool) -> &'a [u8] {
+        let n = self.rest.iter().take_while(|&&c| keep(c)).count();
+        let (taken, rest) = self.rest.split_at_checked(n).unwrap_or((self.rest, &[]));
+        self.rest = rest;
+        taken
     }
 
     /// A quoted string without escapes (`'<i8'`, `"shape"`).
     fn string(&mut self) -> Result<String> {
-        let quote = self
-            .peek()
-            .filter(|&q| q == b'\'' || q == b'"')
-            .with_context(|| {
-                format!(
-                    "the header's dictionary is malformed: expected a string at byte {}",
-                    self.at
-                )
-            })?;
-        self.at += 1;
-        let start = self.at;
-        while let Some(c) = self.peek() {
-            if c == quote {
-                let s = std::str::from_utf8(&self.s[start..self.at])?.to_string();
-                self.at += 1;
-                return Ok(s);
-            }
-            ensure!(c != b'\\', "the header has an escape in a string");
-            self.at += 1;
-        }
-        bail!("the header has an unterminated string")
+        let quote = if self.eat(b'\'') {
+            b'\''
+        } else if self.eat(b'"') {
+            b'"'
+        } else {
+            bail!(
+                "the header's dictionary is malformed: expected a string at byte {}",
+                self.at()
+            )
+        };
+        let text = self.take_while(|c| c != quote && c != b'\\');
+        ensure!(
+            self.eat(quote),
+            "the header has an unterminated string or an escape in one"
+        );
+        Ok(std::str::from_utf8(text)?.to_string())
     }
 
     fn boolean(&mut self) -> Result<bool> {
         for (word, value) in [(&b"True"[..], true), (&b"False"[..], false)] {
-            if self.s[self.at..].starts_with(word) {
-                self.at += word.len();
+            if let Some(rest) = self.rest.strip_prefix(word) {
+                self.rest = rest;
                 return Ok(value);
             }
         }
@@ -211,11 +210,7 @@ impl Parser<'_> {
             if self.eat(b')') {
                 break;
             }
-            let start = self.at;
-            while self.peek().is_some_and(|c| c.is_ascii_digit()) {
-                self.at += 1;
-            }
-            let digits = std::str::from_utf8(&self.s[start..self.at])?;
+            let digits = std::str::from_utf8(self.take_while(|c| c.is_ascii_digit()))?;
             ensure!(
                 !digits.is_empty(),
                 "the shape must hold non-negative integers"
@@ -241,6 +236,7 @@ impl Parser<'_> {
 }
 
 #[cfg(test)]
+#[allow(clippy::arithmetic_side_effects, clippy::indexing_slicing)]
 mod tests {
     use super::*;
 

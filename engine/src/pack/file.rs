@@ -3,6 +3,7 @@
 //! changed by another process gives an I/O error or a checksum mismatch instead of SIGBUS; tensor
 //! data dropped from the page cache after each read, so that the expert cache's budget bounds the
 //! memory the experts really take.
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -49,7 +50,7 @@ impl PackFile {
                 header.file_bytes
             )));
         }
-        let table_len = u64::from(header.entry_count) * ENTRY_BYTES as u64;
+        let table_len = u64::from(header.entry_count).saturating_mul(ENTRY_BYTES as u64);
         if header
             .table_offset
             .checked_add(table_len)
@@ -117,7 +118,7 @@ impl PackFile {
         let key = (layer, expert.unwrap_or(NO_EXPERT), kind as u16);
         self.index
             .get(&key)
-            .map(|&i| &self.entries[i])
+            .and_then(|&i| self.entries.get(i))
             .ok_or_else(|| {
                 Error::CorruptPack(format!(
                     "{}: no {:?} tensor for layer {layer}{}",
@@ -136,7 +137,7 @@ impl PackFile {
             Error::CorruptPack(format!(
                 "{}: reading {what} at {offset}..{}: {e}",
                 self.path.display(),
-                offset + len as u64
+                offset.saturating_add(len as u64)
             ))
         })?;
         self.drop_from_page_cache(offset, len);
@@ -227,8 +228,8 @@ pub(crate) mod faults {
     pub(super) fn injected(path: &Path) -> Option<std::io::Error> {
         let mut plan = PLAN.lock().unwrap();
         let left = plan.get_mut(path)?;
-        if *left > 0 {
-            *left -= 1;
+        if let Some(fewer) = left.checked_sub(1) {
+            *left = fewer;
             return None;
         }
         Some(std::io::Error::from_raw_os_error(libc::EIO))

@@ -1,6 +1,10 @@
 //! The expert file (`experts.bin`) format: a fixed header, a table of tensor entries, and the
 //! tensor data, every expert's tensors contiguous and its first tensor aligned. All integers
 //! little-endian. See `docs/PACK_FORMAT.md`.
+//!
+//! Bytes from a file are decoded here: no indexing that can panic and no arithmetic that can
+//! overflow (denied below; checked or saturating operations instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use crate::error::{Error, Result};
 use crate::kernels::q8::{q8_bytes, ScaleType};
@@ -70,11 +74,12 @@ impl TensorFormat {
             .find(|k| *k as u16 == v)
     }
 
-    /// Bytes of a `[rows, cols]` tensor on disk.
+    /// Bytes of a `[rows, cols]` tensor on disk (saturating: the table bounds the element count
+    /// far below overflow before it asks).
     pub fn bytes(self, rows: usize, cols: usize) -> usize {
         match self {
-            TensorFormat::F32 => rows * cols * 4,
-            TensorFormat::F16 => rows * cols * 2,
+            TensorFormat::F32 => rows.saturating_mul(cols).saturating_mul(4),
+            TensorFormat::F16 => rows.saturating_mul(cols).saturating_mul(2),
             TensorFormat::Q8F16Scales => q8_bytes(rows, cols, ScaleType::F16),
             TensorFormat::Q8F32Scales => q8_bytes(rows, cols, ScaleType::F32),
         }
@@ -122,10 +127,13 @@ impl Entry {
 
     /// Decodes entry `index`; checks kind, format and that the length matches the shape.
     pub fn decode(b: &[u8], index: usize) -> Result<Self> {
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
-        let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap());
         let bad = |what: String| Error::CorruptPack(format!("table entry {index}: {what}"));
+        if b.len() != ENTRY_BYTES {
+            return Err(bad(format!("{} bytes, not {ENTRY_BYTES}", b.len())));
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(le(b, o));
+        let u64_at = |o: usize| u64::from_le_bytes(le(b, o));
+        let u16_at = |o: usize| u16::from_le_bytes(le(b, o));
         let kind = TensorKind::from_u16(u16_at(8))
             .ok_or_else(|| bad(format!("unknown tensor kind {}", u16_at(8))))?;
         let format = TensorFormat::from_u16(u16_at(10))
@@ -141,7 +149,8 @@ impl Entry {
             length: u64_at(32),
             crc32: u32_at(40),
         };
-        if e.rows == 0 || e.cols == 0 || e.rows as u64 * e.cols as u64 > MAX_TENSOR_ELEMENTS {
+        let elements = u64::from(e.rows).saturating_mul(u64::from(e.cols));
+        if e.rows == 0 || e.cols == 0 || elements > MAX_TENSOR_ELEMENTS {
             return Err(bad(format!(
                 "{kind:?} [{}, {}] is empty or larger than any model's tensor",
                 e.rows, e.cols
@@ -208,22 +217,23 @@ impl Header {
                 b.len()
             )));
         }
-        if &b[0..8] != MAGIC {
+        let magic: [u8; 8] = le(b, 0);
+        if &magic != MAGIC {
             return Err(Error::CorruptPack(format!(
                 "wrong magic {:?}, expected {:?}: not a moe-edge expert file",
-                String::from_utf8_lossy(&b[0..8]),
+                String::from_utf8_lossy(&magic),
                 "MOEEXPRT"
             )));
         }
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(le(b, o));
+        let u64_at = |o: usize| u64::from_le_bytes(le(b, o));
         if u32_at(8) != VERSION {
             return Err(Error::CorruptPack(format!(
                 "format version {} is not supported (this build reads {VERSION})",
                 u32_at(8)
             )));
         }
-        if crc32fast::hash(&b[..60]) != u32_at(60) && !cfg!(fuzzing) {
+        if crc32fast::hash(b.get(..60).unwrap_or_default()) != u32_at(60) && !cfg!(fuzzing) {
             return Err(Error::CorruptPack("header checksum mismatch".into()));
         }
         Ok(Header {
@@ -237,7 +247,16 @@ impl Header {
     }
 }
 
-/// Rounds `v` up to a multiple of `align` (a power of two).
+/// Rounds `v` up to a multiple of `align` (a power of two; saturating at the largest multiple).
 pub fn align_up(v: u64, align: u64) -> u64 {
-    v.div_ceil(align) * align
+    v.div_ceil(align).saturating_mul(align)
+}
+
+/// The `N` bytes of `b` at `at`, zeros where `b` ends first (callers check the length first).
+fn le<const N: usize>(b: &[u8], at: usize) -> [u8; N] {
+    let mut out = [0u8; N];
+    if let Some(src) = at.checked_add(N).and_then(|end| b.get(at..end)) {
+        out.copy_from_slice(src);
+    }
+    out
 }

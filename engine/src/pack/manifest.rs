@@ -1,4 +1,5 @@
 //! `manifest.json` of a packed model directory.
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::path::Path;
 

@@ -3,6 +3,7 @@
 //! implies is in the table with the shape and format it implies, the table holds nothing else,
 //! and no two tensors share bytes. A pack that passes can only differ from what `pack` wrote in
 //! tensor bytes, which the checksums cover.
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use super::file::PackFile;
 use super::format::{Entry, TensorFormat, TensorKind, NO_EXPERT, TENSOR_ALIGN};
@@ -134,11 +135,13 @@ pub(crate) fn check(manifest: &Manifest, file: &PackFile) -> Result<()> {
 fn check_no_overlap(entries: &[Entry]) -> Result<()> {
     let mut ranges: Vec<(u64, u64, &Entry)> = entries
         .iter()
-        .map(|e| (e.offset, e.offset + e.length, e))
+        .map(|e| (e.offset, e.offset.saturating_add(e.length), e))
         .collect();
     ranges.sort_by_key(|r| r.0);
     for pair in ranges.windows(2) {
-        let ((_, end, a), (start, _, b)) = (pair[0], pair[1]);
+        let &[(_, end, a), (start, _, b)] = pair else {
+            continue;
+        };
         if start < end {
             return Err(corrupt(format!(
                 "{} and {} share bytes of the expert file",
