@@ -77,6 +77,15 @@ run_one() {
   echo "$t: ${execs:-?} executions, 0 crashes ($done_line)"
 }
 
+# the scratch directories (moe-edge-fuzz-PID) of target processes that have ended
+clean_scratch() {
+  local d
+  for d in /dev/shm/moe-edge-fuzz-* "${TMPDIR:-/tmp}"/moe-edge-fuzz-*; do
+    [ -d "$d" ] || continue
+    kill -0 "${d##*-}" 2>/dev/null || rm -rf "$d"
+  done
+}
+
 mkdir -p target/fuzz
 rm -f target/fuzz/failed
 for t in "${targets[@]}"; do
@@ -86,8 +95,7 @@ done
 wait
 failed=0
 [ -s target/fuzz/failed ] && failed=1
-# scratch directories of the targets' processes
-rm -rf /dev/shm/moe-edge-fuzz-* 2>/dev/null || true
+clean_scratch
 
 if [ "$merge" = 1 ] && [ "$failed" = 0 ]; then
   for t in "${targets[@]}"; do
@@ -98,6 +106,6 @@ if [ "$merge" = 1 ] && [ "$failed" = 0 ]; then
     cp -n "target/fuzz/merged/$t"/* "fuzz/corpus/$t/" 2>/dev/null || true
     echo "$t: fuzz/corpus/$t holds $(find "fuzz/corpus/$t" -type f | wc -l) inputs"
   done
-  rm -rf /dev/shm/moe-edge-fuzz-* 2>/dev/null || true
+  clean_scratch
 fi
 exit $failed
