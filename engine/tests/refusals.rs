@@ -229,8 +229,8 @@ fn a_node_missing_inputs_is_refused_naming_it() {
     std::fs::remove_dir_all(&dir).ok();
     assert!(
         err.contains(&name)
-            && err.contains("has 1 inputs")
-            && err.contains("MatMul takes at least 2"),
+            && err.contains("has 1 input(s)")
+            && err.contains("MatMul takes at least 2 input(s)"),
         "{err}"
     );
 }

@@ -251,15 +251,13 @@ pub(crate) fn check_node_arity(graph: &GraphProto) -> Result<(), String> {
             _ => (0, 1),
         };
         if node.input.len() < inputs || node.output.len() < outputs {
+            let op = crate::error::clip(&node.op_type);
             return Err(format!(
-                "node {} ('{}', {}) has {} inputs and {} outputs; {} takes at least {inputs} and \
-                 {outputs}",
-                i,
+                "node {i} ('{}', {op}) has {} input(s) and {} output(s); {op} takes at least \
+                 {inputs} input(s) and {outputs} output(s)",
                 crate::error::clip(&node.name),
-                crate::error::clip(&node.op_type),
                 node.input.len(),
                 node.output.len(),
-                crate::error::clip(&node.op_type),
             ));
         }
     }

@@ -11,7 +11,7 @@ use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
-use super::format::{Entry, Header, TensorKind, ENTRY_BYTES, HEADER_BYTES, NO_EXPERT};
+use super::format::{Entry, Header, TensorKind, ENTRY_BYTES, HEADER_BYTES, MAX_ENTRIES, NO_EXPERT};
 use crate::error::{Error, Result};
 
 /// The validated table of an expert file.
@@ -48,6 +48,12 @@ impl PackFile {
             return Err(corrupt(format!(
                 "file is {size} bytes but its header says {} (truncated or extended)",
                 header.file_bytes
+            )));
+        }
+        if header.entry_count > MAX_ENTRIES {
+            return Err(corrupt(format!(
+                "the table claims {} entries, more than the {MAX_ENTRIES} a pack may have",
+                header.entry_count
             )));
         }
         let table_len = u64::from(header.entry_count).saturating_mul(ENTRY_BYTES as u64);

@@ -179,6 +179,10 @@ impl Entry {
     }
 }
 
+/// The most entries a table may have (2^20: 64 MiB of table, twenty times the tensors of the
+/// largest MoE models published, and bounded before the table is read into memory).
+pub const MAX_ENTRIES: u32 = 1 << 20;
+
 /// The most elements a tensor of the table may have (2^36: far above any model's, and small
 /// enough that its byte size cannot overflow).
 pub const MAX_TENSOR_ELEMENTS: u64 = 1 << 36;

@@ -397,6 +397,31 @@ fn truncated_expert_file_is_refused_at_open() {
     std::fs::remove_dir_all(&dir).ok();
 }
 
+/// A header that claims 2^32 - 1 entries in a file large enough to hold them (a sparse file):
+/// refused before the table is read into memory.
+#[test]
+fn a_table_claiming_too_many_entries_is_refused_before_it_is_read() {
+    let dir = packed_tiny("entries");
+    let (bytes, mut header, entries) = table(&dir);
+    header.entry_count = u32::MAX;
+    let size = header.table_offset + u64::from(u32::MAX) * ENTRY_BYTES as u64;
+    header.file_bytes = size;
+    write_table(&dir, bytes, header, &entries);
+    std::fs::File::options()
+        .write(true)
+        .open(dir.join("experts.bin"))
+        .unwrap()
+        .set_len(size)
+        .unwrap();
+    let err = open_err(&dir, false);
+    assert!(
+        err.to_string()
+            .contains("more than the 1048576 a pack may have"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
 #[test]
 fn wrong_magic_is_refused() {
     let dir = packed_tiny("magic");
