@@ -37,7 +37,7 @@ impl PackFile {
             )));
         }
         let read = |offset: u64, len: u64, what: &str| -> Result<Vec<u8>> {
-            let mut buf = vec![0u8; len as usize];
+            let mut buf = zeroed(len as usize).map_err(|e| corrupt(format!("the {what}: {e}")))?;
             file.read_exact_at(&mut buf, offset)
                 .map_err(|e| corrupt(format!("reading the {what}: {e}")))?;
             Ok(buf)
@@ -138,7 +138,8 @@ impl PackFile {
     /// Reads the bytes `[offset, offset + len)` and asks the kernel to drop them from the page
     /// cache (a hint: failure only warns).
     pub fn read_range(&self, offset: u64, len: usize, what: &str) -> Result<Vec<u8>> {
-        let mut buf = vec![0u8; len];
+        let mut buf = zeroed(len)
+            .map_err(|e| Error::CorruptPack(format!("{}: {what}: {e}", self.path.display())))?;
         self.read_exact_at(&mut buf, offset).map_err(|e| {
             Error::CorruptPack(format!(
                 "{}: reading {what} at {offset}..{}: {e}",
@@ -198,6 +199,17 @@ impl PackFile {
     }
 }
 
+/// A zeroed buffer of `len` bytes, or an error if the system refuses that much memory (a damaged
+/// table can name a huge tensor in a sparse file: an error, not an abort).
+fn zeroed(len: usize) -> std::result::Result<Vec<u8>, String> {
+    // asked for first without touching it; then allocated zeroed, which for large sizes takes
+    // fresh zero pages from the kernel instead of writing zeros before the read overwrites them
+    Vec::<u8>::new()
+        .try_reserve_exact(len)
+        .map_err(|_| format!("{len} bytes do not fit in memory"))?;
+    Ok(vec![0u8; len])
+}
+
 /// Checks a tensor's bytes against its table checksum.
 pub fn check_crc(file: &PackFile, e: &Entry, bytes: &[u8]) -> Result<()> {
     if crc32fast::hash(bytes) != e.crc32 && !cfg!(fuzzing) {
@@ -208,6 +220,17 @@ pub fn check_crc(file: &PackFile, e: &Entry, bytes: &[u8]) -> Result<()> {
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_buffer_larger_than_memory_is_an_error_not_an_abort() {
+        // 2^50 bytes: beyond any address space a process gets, whatever the overcommit policy
+        let err = super::zeroed(1 << 50).unwrap_err();
+        assert!(err.contains("do not fit in memory"), "{err}");
+        assert_eq!(super::zeroed(16).unwrap(), vec![0u8; 16]);
+    }
 }
 
 /// Fault injection for tests: the reads of one expert file fail with EIO once a number of them
