@@ -1,6 +1,7 @@
 //! A panic inside tract (its shape inference or an op meeting a graph it did not expect, as a
 //! damaged constant can make) or inside `tokenizers` (meeting a malformed `tokenizer.json`)
-//! becomes an [`Error`] at the engine's boundary instead of unwinding into the caller. [`panic_is_caught`] lets an application's panic hook stay quiet for those.
+//! becomes an [`Error`] at the engine's boundary instead of unwinding into the caller.
+//! [`panic_is_caught`] lets an application's panic hook stay quiet for those.
 
 use std::cell::Cell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
