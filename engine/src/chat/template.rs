@@ -110,18 +110,43 @@ impl ChatTemplate {
             file: self.file.clone(),
             message: describe(&e),
         };
-        let template = env.template_from_str(&self.source).map_err(fail)?;
-        let messages: Vec<Value> = messages
-            .iter()
-            .map(|m| minijinja::context! { role => m.role.as_str(), content => m.content.as_str() })
-            .collect();
-        let ctx = minijinja::context! {
-            messages => messages,
-            add_generation_prompt => add_generation_prompt,
-            bos_token => self.bos_token.clone().unwrap_or_default(),
-            eos_token => self.eos_token.clone().unwrap_or_default(),
-        };
-        template.render(ctx).map_err(fail)
+        // rendered on a thread of its own with a large stack: a template can build values nested
+        // as deep as its fuel allows, and minijinja walks (and drops) them recursively
+        std::thread::scope(|scope| {
+            std::thread::Builder::new()
+                .name("chat-template".into())
+                .stack_size(RENDER_STACK)
+                .spawn_scoped(scope, || {
+                    let template = env.template_from_str(&self.source).map_err(fail)?;
+                    let messages: Vec<Value> = messages
+                        .iter()
+                        .map(|m| {
+                            minijinja::context! {
+                                role => m.role.as_str(),
+                                content => m.content.as_str(),
+                            }
+                        })
+                        .collect();
+                    let ctx = minijinja::context! {
+                        messages => messages,
+                        add_generation_prompt => add_generation_prompt,
+                        bos_token => self.bos_token.clone().unwrap_or_default(),
+                        eos_token => self.eos_token.clone().unwrap_or_default(),
+                    };
+                    template.render(ctx).map_err(fail)
+                })
+                .map_err(|e| Error::Template {
+                    file: self.file.clone(),
+                    message: format!("no thread to render it on: {e}"),
+                })?
+                .join()
+                .unwrap_or_else(|_| {
+                    Err(Error::Template {
+                        file: self.file.clone(),
+                        message: "rendering failed (panic)".into(),
+                    })
+                })
+        })
     }
 
     /// The special token the template ends an assistant turn with (found by rendering one
@@ -183,7 +208,11 @@ fn describe(e: &minijinja::Error) -> String {
 /// The most instructions one rendering may run: a template is code from a model's files, and
 /// one that loops for ever (or for 10^10 steps) must end in an error, not hang. Real templates
 /// run tens of instructions per message.
-const TEMPLATE_FUEL: u64 = 20_000_000;
+const TEMPLATE_FUEL: u64 = 2_000_000;
+
+/// Stack of the rendering thread (reserved, touched only as deep as a template goes): with
+/// [`TEMPLATE_FUEL`], values nested as deep as a template can make them fit in it.
+const RENDER_STACK: usize = 1 << 30;
 
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();

@@ -62,6 +62,23 @@ fn template_errors_name_the_construct() {
     assert!(err.contains("frobnicate"), "{err}");
 }
 
+/// A template that builds a list nested hundreds of thousands deep: minijinja walks and drops
+/// it recursively, which overflowed the stack (found by the `chat_template` fuzz target).
+#[test]
+fn a_template_nesting_values_deeply_does_not_overflow_the_stack() {
+    let deep = ChatTemplate::new(
+        "{% set ns = namespace(x=[]) %}{% for i in range(100000) %}{% for j in range(100) %}\
+         {% set ns.x = [ns.x] %}{% endfor %}{% endfor %}{{ ns.x|length }}",
+        None,
+        None,
+    );
+    let err = deep
+        .render(&[ChatMessage::new("user", "a")], true)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("instructions without finishing"), "{err}");
+}
+
 #[test]
 fn a_template_that_does_not_end_is_stopped() {
     // 10^10 iterations: without a bound this renders for hours
