@@ -212,7 +212,7 @@ const TEMPLATE_FUEL: u64 = 2_000_000;
 
 /// Stack of the rendering thread (reserved, touched only as deep as a template goes): with
 /// [`TEMPLATE_FUEL`], values nested as deep as a template can make them fit in it.
-const RENDER_STACK: usize = 1 << 30;
+const RENDER_STACK: usize = 256 << 20;
 
 fn environment() -> Environment<'static> {
     let mut env = Environment::new();
