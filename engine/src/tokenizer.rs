@@ -34,15 +34,7 @@ impl Tokenizer {
 
     /// Token ids of `text`, with the special tokens the tokenizer's post-processor adds.
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
-        let enc = guarded(
-            || {
-                self.inner
-                    .encode(text, true)
-                    .map_err(|e| Error::Tokenizer(e.to_string()))
-            },
-            failed("encoding"),
-        )?;
-        Ok(enc.get_ids().iter().map(|&i| i as i64).collect())
+        self.encode_with(text, true)
     }
 
     /// Text of `ids`, special tokens left out.
@@ -66,10 +58,15 @@ impl Tokenizer {
     /// Token ids of `text` as it is, special tokens written in it included, without the ones the
     /// post-processor would add (a rendered chat template already has them).
     pub fn encode_raw(&self, text: &str) -> Result<Vec<i64>> {
+        self.encode_with(text, false)
+    }
+
+    /// Token ids of `text`, with or without the post-processor's special tokens.
+    fn encode_with(&self, text: &str, add_special_tokens: bool) -> Result<Vec<i64>> {
         let enc = guarded(
             || {
                 self.inner
-                    .encode(text, false)
+                    .encode(text, add_special_tokens)
                     .map_err(|e| Error::Tokenizer(e.to_string()))
             },
             failed("encoding"),
