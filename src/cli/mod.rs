@@ -8,6 +8,7 @@ pub mod inspect;
 pub mod logits;
 pub mod npy;
 pub mod pack;
+pub mod perplexity;
 pub mod serve;
 
 use std::path::PathBuf;
@@ -47,6 +48,9 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// One forward pass over token ids from a .npy file; writes the logits as .npy.
     Logits(logits::LogitsArgs),
+    /// Perplexity over text files (as llama-perplexity), and KL divergence / top-1 agreement
+    /// against a base model's saved logits.
+    Perplexity(perplexity::PerplexityArgs),
 }
 
 /// How to open a model; shared by every subcommand.
@@ -112,6 +116,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Chat(a) => chat::run(a),
         Command::Serve(a) => serve::run(a),
         Command::Logits(a) => logits::run(a),
+        Command::Perplexity(a) => perplexity::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Pack(a) => pack::run(a),
         Command::Info => info::run(),
