@@ -197,7 +197,8 @@ def verify(model, cfg, p, path, steps, seed):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", choices=sorted(PRESETS), required=True)
+    ap.add_argument("--preset", choices=sorted(PRESETS), help="a random-weight model of this shape")
+    ap.add_argument("--checkpoint", help="export this trained checkpoint (a transformers directory, e.g. tools/train_moe.py's WORK/hf) instead; its tokenizer files are copied")
     ap.add_argument("--out", required=True, help="output directory (model.onnx, config.json, tokenizer.json, export.json)")
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--init-std", type=float, default=0.02)
@@ -205,25 +206,39 @@ def main():
     ap.add_argument("--save-hf", action="store_true", help="also save the checkpoint (safetensors) under OUT/hf")
     args = ap.parse_args()
 
-    p = PRESETS[args.preset]
+    if (args.preset is None) == (args.checkpoint is None):
+        raise SystemExit("give --preset or --checkpoint")
     os.makedirs(args.out, exist_ok=True)
     torch.manual_seed(args.seed)
-    cfg = make_config(p, args.init_std)
-    cfg._attn_implementation = "eager"
-    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
+    if args.checkpoint:
+        model = transformers.AutoModelForCausalLM.from_pretrained(args.checkpoint, attn_implementation="eager").eval()
+        cfg = model.config
+        cfg._attn_implementation = "eager"
+        p = dict(layers=cfg.num_hidden_layers, vocab=cfg.vocab_size)
+        import shutil
+
+        for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+            if os.path.exists(os.path.join(args.checkpoint, f)):
+                shutil.copy(os.path.join(args.checkpoint, f), args.out)
+    else:
+        p = PRESETS[args.preset]
+        cfg = make_config(p, args.init_std)
+        cfg._attn_implementation = "eager"
+        model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval()
     model.set_experts_implementation("batched_mm")
     params = sum(t.numel() for t in model.parameters())
-    print(f"{args.preset}: {p} -> {params / 1e6:.1f} M parameters", file=sys.stderr)
+    print(f"{args.preset or args.checkpoint}: {p} -> {params / 1e6:.1f} M parameters", file=sys.stderr)
     if args.save_hf:
         model.save_pretrained(os.path.join(args.out, "hf"))
     cfg.save_pretrained(args.out)
-    write_tokenizer(args.out, p["vocab"])
+    if not args.checkpoint:
+        write_tokenizer(args.out, p["vocab"])
 
     path = os.path.join(args.out, "model.onnx")
     t0 = time.time()
     export(model, cfg, p, path)
     export_s = time.time() - t0
-    result = dict(preset=args.preset, shape=p, parameters=params, seed=args.seed, init_std=args.init_std, export_seconds=export_s,
+    result = dict(preset=args.preset, checkpoint=args.checkpoint, shape=p, parameters=params, seed=args.seed, init_std=args.init_std, export_seconds=export_s,
                   method="torch.onnx.export(dynamo=False), experts_implementation=batched_mm, attn eager, opset 20",
                   versions=dict(torch=torch.__version__, transformers=transformers.__version__))
     if args.verify_steps:
