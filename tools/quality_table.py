@@ -15,6 +15,7 @@ second half scored (llama-perplexity's scheme, which `moe-edge perplexity` follo
 
 import argparse
 import json
+import math
 import os
 import re
 import subprocess
@@ -60,26 +61,35 @@ def llama_ppl(bin_dir, gguf, text, context, extra):
     m = re.search(r"99\.0%\s+KLD:\s*([-\d.]+)", log_text)
     if m:
         r["kl_p99"] = float(m.group(1))
-    m = re.search(r"Same top p:\s*([\d.]+)", log_text)
+    m = re.search(r"Same top p:\s*([\d.]+)\s*±", log_text)
     if m:
         r["top1_agreement"] = float(m.group(1)) / 100
     m = re.search(r"calculating perplexity over (\d+) chunks", log_text)
     if m:
         r["chunks"] = int(m.group(1))
-    if "perplexity" not in r:
-        raise SystemExit(f"no perplexity in llama-perplexity's output:\n{log_text[-3000:]}")
+    if "perplexity" not in r or ("--kl-divergence" in extra and ("top1_agreement" not in r or "kl_mean" not in r)):
+        raise SystemExit(f"llama-perplexity's output lacks a figure ({sorted(r)}):\n{log_text[-3000:]}")
     return r
 
 
 def convert_gguf(llama, hf, out):
-    """convert_hf_to_gguf.py with the pre-tokenizer named: the model's tokenizer is a byte-level BPE
-    with GPT-2's pre-tokenizer, which the converter only knows by the hashes of published ones."""
-    code = (
-        "import sys, runpy; sys.path.insert(0, sys.argv[1]); "
-        "import conversion.base as b; b.TextModel.get_vocab_base_pre = lambda self, tok: 'gpt-2'; "
-        "sys.argv = [sys.argv[1] + '/convert_hf_to_gguf.py'] + sys.argv[2:]; "
-        "runpy.run_path(sys.argv[0], run_name='__main__')"
-    )
+    """convert_hf_to_gguf.py with the tokenizer named: the model's tokenizer is a byte-level BPE with
+    GPT-2's pre-tokenizer, which the converter only knows by the hashes of published ones (and it
+    tries SentencePiece first for Llama-family models)."""
+    code = """
+import runpy, sys
+sys.path.insert(0, sys.argv[1])
+import conversion.base as base
+
+def no_sentencepiece(*args):
+    raise FileNotFoundError("no SentencePiece model")
+
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+base.TextModel._set_vocab_sentencepiece = no_sentencepiece
+base.TextModel._set_vocab_llama_hf = no_sentencepiece
+sys.argv = [sys.argv[1] + "/convert_hf_to_gguf.py"] + sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
     run([sys.executable, "-c", code, llama, hf, "--outtype", "f32", "--outfile", out])
 
 
@@ -130,6 +140,9 @@ def main():
     else:
         sizes = {}
 
+    for name, res in table.items():
+        if "all" not in res:
+            res["all"] = aggregate([res[lang] for lang in LANGS], [table["moe-edge f32"][lang]["scored"] for lang in LANGS])
     torch_eval = json.load(open(os.path.join(args.work, "eval.json")))["per_language"]
     agreement = {lang: table["moe-edge f32"][lang]["perplexity"] / torch_eval[lang]["perplexity"] - 1 for lang in LANGS}
     result = dict(context=args.context, table=table, torch=torch_eval, moe_edge_f32_vs_torch_relative=agreement, gguf_bytes=sizes)
@@ -139,24 +152,36 @@ def main():
     log("moe-edge f32 vs torch, relative perplexity difference: " + ", ".join(f"{k} {v:+.2e}" for k, v in agreement.items()))
 
 
+def aggregate(results, weights):
+    """Over every language: perplexity from the weighted mean log-perplexity, means weighted by the
+    scored tokens (llama-perplexity reports per file only)."""
+    total = sum(weights)
+    out = dict(perplexity=math.exp(sum(w * math.log(r["perplexity"]) for r, w in zip(results, weights)) / total))
+    for key in ("kl_mean", "top1_agreement"):
+        if all(key in r for r in results):
+            out[key] = sum(w * r[key] for r, w in zip(results, weights)) / total
+    return out
+
+
 def cell(r, key):
     if key == "perplexity":
         return f"{r['perplexity']:.3f}"
     if key == "kl":
-        v = r.get("kl", {}).get("mean") if "kl" in r else r.get("kl_mean")
+        v = r["kl"]["mean"] if "kl" in r else r.get("kl_mean")
         return "" if v is None else f"{v:.5f}"
     v = r.get("top1_agreement")
     return "" if v is None else f"{100 * v:.2f}%"
 
 
 def markdown(table, torch_eval):
-    rows = ["| form | " + " | ".join(LANGS) + " |", "|---|" + "---|" * len(LANGS)]
-    rows.append("| torch f32, perplexity | " + " | ".join(f"{torch_eval[lang]['perplexity']:.3f}" for lang in LANGS) + " |")
+    cols = LANGS + ["all"]
+    rows = ["| form | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+    rows.append("| torch f32, perplexity | " + " | ".join(f"{torch_eval[c]['perplexity']:.3f}" for c in cols) + " |")
     for key, title in (("perplexity", "perplexity"), ("kl", "mean KL"), ("top1", "top-1 agreement")):
         for name, res in table.items():
             if key != "perplexity" and name.endswith(("f32", "F32")):
                 continue
-            rows.append(f"| {name}, {title} | " + " | ".join(cell(res[lang], key) for lang in LANGS) + " |")
+            rows.append(f"| {name}, {title} | " + " | ".join(cell(res[c], key) for c in cols) + " |")
     return "\n".join(rows)
 
 
