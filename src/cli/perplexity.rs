@@ -218,6 +218,16 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
                 quality::perplexity(&tally.nll).0
             ));
         }
+        if progress.is_hidden() {
+            // no terminal to draw the bar on: one line per file instead
+            eprintln!(
+                "{}: {} windows, perplexity {:.4} ({:.1} s)",
+                text.label,
+                text.windows.len(),
+                quality::perplexity(&tally.nll).0,
+                started.elapsed().as_secs_f64()
+            );
+        }
         results.push(tally.report(&text.label, text.ids.len()));
         all.extend(&tally);
     }
