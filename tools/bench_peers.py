@@ -6,8 +6,14 @@
 
 Engines: moe-edge with int8 experts (a pack made by `moe-edge pack`), moe-edge with f32 experts
 (the unpacked ONNX file), tract running the exported graph literally (`moe-edge bench --literal`),
-and onnxruntime with its own KV-cache loop (tools/ort_bench.py). Prints a Markdown table of
-medians (min-max over rounds) and the ratios moe-edge int8 / peer; `--json` writes every run.
+onnxruntime with its own KV-cache loop (tools/ort_bench.py), and llama.cpp's `llama-bench` on GGUF
+files of the same checkpoint (`--gguf Q8_0=FILE,Q4_0=FILE --llama-bench PATH`; engines
+`llama.cpp-Q8_0` ...). Prints a Markdown table of medians (min-max over rounds) and the ratios
+moe-edge int8 / peer; `--json` writes every run.
+
+llama-bench measures prompt processing (`-p`) and generation (`-n`) as separate tests, generation
+from an empty context; moe-edge bench decodes after its prompt. llama-bench reports no load time.
+Peak RSS is the child process's (wait4).
 """
 
 import argparse
@@ -16,6 +22,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -26,6 +33,22 @@ def run_json(cmd):
     if out.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_llama_bench(cmd):
+    """One llama-bench run (-o json, -r 1) as moe-edge bench's keys, with the child's peak RSS."""
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
+        stdout = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"failed: {' '.join(cmd)}\n{err.read()[-2000:].decode(errors='replace')}")
+    tests = json.loads(stdout)
+    pp = next(t["avg_ts"] for t in tests if t["n_prompt"] > 0 and t["n_gen"] == 0)
+    tg = next(t["avg_ts"] for t in tests if t["n_gen"] > 0 and t["n_prompt"] == 0)
+    return dict(prefill_tokens_per_s=pp, decode_tokens_per_s=tg, load_s=float("nan"), peak_rss_bytes=usage.ru_maxrss * 1024)
 
 
 def main():
@@ -39,6 +62,8 @@ def main():
     ap.add_argument("--gen-tokens", type=int, default=32)
     ap.add_argument("--engines", default="moe-edge-int8,moe-edge-f32,onnxruntime,tract-literal")
     ap.add_argument("--json", default=None, help="write all runs to this file")
+    ap.add_argument("--gguf", default="", help="llama.cpp files of the same checkpoint: NAME=FILE,... (engines llama.cpp-NAME)")
+    ap.add_argument("--llama-bench", default="llama-bench", help="llama.cpp's llama-bench binary")
     args = ap.parse_args()
 
     model = args.model.rstrip("/")
@@ -53,12 +78,18 @@ def main():
         "onnxruntime": lambda t: [sys.executable, os.path.join(HERE, "ort_bench.py"), "--model", os.path.join(model, "model.onnx"), "--threads", str(t),
                                   "--prompt-tokens", str(args.prompt_tokens), "--gen-tokens", str(args.gen_tokens), "--repeat", "1"],
     }
+    for spec in filter(None, args.gguf.split(",")):
+        quant, path = spec.split("=", 1)
+        engines[f"llama.cpp-{quant}"] = lambda t, path=path: [args.llama_bench, "-m", path, "-t", str(t), "-p", str(args.prompt_tokens),
+                                                              "-n", str(args.gen_tokens), "-r", "1", "-o", "json"]
     names = [e for e in args.engines.split(",") if e]
+    names += [e for e in engines if e.startswith("llama.cpp-") and e not in names]
     runs = []
     for threads in [int(t) for t in args.threads.split(",")]:
         for rnd in range(args.rounds):
             for name in names:
-                r = run_json(engines[name](threads))
+                cmd = engines[name](threads)
+                r = run_llama_bench(cmd) if name.startswith("llama.cpp-") else run_json(cmd)
                 r.update(engine_name=name, round=rnd, threads=threads)
                 runs.append(r)
                 print(f"round {rnd} threads {threads} {name}: prefill {r['prefill_tokens_per_s']:.1f} decode {r['decode_tokens_per_s']:.1f}", file=sys.stderr)
