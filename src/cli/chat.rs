@@ -30,6 +30,10 @@ pub struct ChatArgs {
     /// Stop a reply when its text produces this string (not printed); may be given several times.
     #[arg(long, value_name = "TEXT")]
     pub stop: Vec<String>,
+    /// Write the routing of every token at every MoE layer to FILE (JSON lines: position,
+    /// layer, experts, weights and, for packed models, whether each expert was in memory).
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub trace: Option<std::path::PathBuf>,
 }
 
 const HELP: &str =
@@ -54,6 +58,28 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
         stop_tokens: model.config().eos_token_ids.clone(),
         stop_strings: args.stop.clone(),
     };
+    let trace = args
+        .trace
+        .as_deref()
+        .map(super::trace::TraceFile::create)
+        .transpose()?;
+    if let Some(t) = &trace {
+        chat.set_observer(Some(t.clone()));
+    }
+    let result = converse(&model, &mut chat, &params);
+    chat.set_observer(None);
+    if let Some(t) = trace {
+        t.finish()?;
+    }
+    result
+}
+
+/// Answers the message on standard input (a pipe), or talks on the terminal until Ctrl-D.
+fn converse(
+    model: &moe_edge_engine::Model,
+    chat: &mut Conversation<'_>,
+    params: &GenerateParams,
+) -> anyhow::Result<()> {
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
         // scripting: the whole input is one message, the reply goes to stdout
@@ -63,7 +89,7 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
             .read_to_string(&mut message)
             .context("reading the prompt from standard input")?;
         anyhow::ensure!(!message.trim().is_empty(), "no prompt on standard input");
-        reply(&mut chat, message.trim_end(), &params)?;
+        reply(chat, message.trim_end(), params)?;
         return Ok(());
     }
     let cancel = chat.cancel_handle();
@@ -85,14 +111,14 @@ pub fn run(args: ChatArgs) -> anyhow::Result<()> {
                 chat.reset();
                 eprintln!("(conversation forgotten)");
             }
-            "/stats" => print_stats(&model, last.as_ref()),
+            "/stats" => print_stats(model, last.as_ref()),
             "/help" => eprintln!("{HELP}"),
             cmd if cmd.starts_with("/system") => {
                 let text = cmd["/system".len()..].trim();
                 chat.set_system(text);
                 eprintln!("(system message set)");
             }
-            _ => match reply(&mut chat, input, &params) {
+            _ => match reply(chat, input, params) {
                 Ok(g) => last = Some(g),
                 Err(e) => eprintln!("error: {e:#}"),
             },

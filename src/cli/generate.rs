@@ -51,6 +51,10 @@ pub struct GenerateArgs {
     /// Print expert cache statistics (hits, misses, bytes loaded, evictions) at the end.
     #[arg(long)]
     pub stats: bool,
+    /// Write the routing of every token at every MoE layer to FILE (JSON lines: position,
+    /// layer, experts, weights and, for packed models, whether each expert was in memory).
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub trace: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
@@ -90,7 +94,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         },
         stop_strings: args.stop.clone(),
     };
-    let mut generator = Generator::new(&model, params)?;
+    let trace = args
+        .trace
+        .as_deref()
+        .map(super::trace::TraceFile::create)
+        .transpose()?;
+    let mut session = moe_edge_engine::Session::new(&model)?;
+    if let Some(t) = &trace {
+        session.set_observer(Some(t.clone()));
+    }
+    let mut generator = Generator::with_session(&model, session, params)?;
     let mut stdout = std::io::stdout().lock();
     let streaming = !args.json;
     let with_text = model.tokenizer().is_some();
@@ -129,6 +142,10 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             result.decode_tokens_per_s(),
             result.stop_reason
         );
+    }
+    drop(generator);
+    if let Some(t) = trace {
+        t.finish()?;
     }
     if args.stats {
         super::print_cache_stats(&model);

@@ -10,6 +10,7 @@ pub mod npy;
 pub mod pack;
 pub mod perplexity;
 pub mod serve;
+pub mod trace;
 
 use std::path::PathBuf;
 

@@ -9,6 +9,8 @@ use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
+use moe_edge_engine::Session;
+
 use super::ModelArgs;
 use crate::quality::{self, LogitsHeader, LogitsReader, LogitsWriter, TextTokens, Window};
 
@@ -41,6 +43,10 @@ pub struct PerplexityArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Write the routing of every token at every MoE layer to FILE (JSON lines, each with the
+    /// text's label and the window's start).
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub trace: Option<PathBuf>,
 }
 
 /// What one file's run measured.
@@ -174,6 +180,11 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
         None => None,
     };
 
+    let trace = args
+        .trace
+        .as_deref()
+        .map(super::trace::TraceFile::create)
+        .transpose()?;
     let total_windows: usize = texts.iter().map(|t| t.windows.len()).sum();
     let progress = ProgressBar::new(total_windows as u64).with_style(
         ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} windows, {msg} ({eta} left)")
@@ -191,7 +202,17 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
             if let Some(b) = bos {
                 ids[0] = b;
             }
-            let (logits, v) = model.logits(&ids, 1)?;
+            // each window from an empty cache, as llama-perplexity evaluates its chunks
+            let mut session = Session::new(&model)?;
+            if let Some(t) = &trace {
+                t.set_tag(&format!(
+                    "\"text\":{},\"start\":{}",
+                    serde_json::to_string(&text.label)?,
+                    w.start
+                ));
+                session.set_observer(Some(t.clone()));
+            }
+            let (logits, v) = session.feed_all(&ids)?;
             ensure!(
                 v == vocab,
                 "the model returned {v} logits per token, expected {vocab}"
@@ -234,6 +255,9 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
     progress.finish_and_clear();
     if let Some(writer) = saved {
         writer.finish()?;
+    }
+    if let Some(t) = trace {
+        t.finish()?;
     }
     let seconds = started.elapsed().as_secs_f64();
     let total = all.report("all", texts.iter().map(|t| t.ids.len()).sum());

@@ -8,10 +8,13 @@
 //! fails with [`Error::ContextFull`]. A reply stops at the model's EOS, at the template's
 //! end-of-turn token, at the caller's stop tokens and strings, or when the context is full.
 
+use std::sync::Arc;
+
 use crate::chat::template::{ChatMessage, ChatTemplate};
 use crate::error::{Error, Result};
 use crate::generate::{CancelHandle, Flow, GenerateParams, Generation, Generator, Step};
 use crate::model::Model;
+use crate::moe::RoutingObserver;
 use crate::session::Session;
 use crate::tokenizer::Tokenizer;
 
@@ -39,6 +42,7 @@ pub struct Conversation<'m> {
     end_of_turn: Vec<i64>,
     last_prefill: usize,
     cancel: CancelHandle,
+    observer: Option<Arc<dyn RoutingObserver>>,
 }
 
 impl<'m> Conversation<'m> {
@@ -61,6 +65,7 @@ impl<'m> Conversation<'m> {
             end_of_turn,
             last_prefill: 0,
             cancel: CancelHandle::default(),
+            observer: None,
         })
     }
 
@@ -104,6 +109,15 @@ impl<'m> Conversation<'m> {
         self.last_prefill
     }
 
+    /// Hands the routing of every MoE block call of the conversation to `observer` (or stops),
+    /// including sessions it starts anew after a failed turn.
+    pub fn set_observer(&mut self, observer: Option<Arc<dyn RoutingObserver>>) {
+        if let Some(session) = self.session.as_mut() {
+            session.set_observer(observer.clone());
+        }
+        self.observer = observer;
+    }
+
     /// The session (its tokens are the rendered history and the last reply).
     pub fn session(&self) -> Option<&Session> {
         self.session.as_ref()
@@ -134,7 +148,11 @@ impl<'m> Conversation<'m> {
         let prompt = self.fitting_prompt()?;
         let mut session = match self.session.take() {
             Some(s) => s,
-            None => Session::new(self.model)?,
+            None => {
+                let mut session = Session::new(self.model)?;
+                session.set_observer(self.observer.clone());
+                session
+            }
         };
         let common = session
             .tokens()

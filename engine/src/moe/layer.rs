@@ -86,11 +86,14 @@ impl MoeLayer {
         // 1. per-token choices (their number may vary by token), grouped by expert
         let choices = self.router.choose(x, tokens);
         if let Some(observer) = ctx.observer {
+            let resident: Option<Vec<bool>> =
+                (0..e_count).map(|e| self.experts.resident(e)).collect();
             observer.on_routing(&RoutedTokens {
                 block: self.index,
                 layer: self.spec.layer,
                 first_position: ctx.first_position,
                 choices: &choices,
+                resident: resident.as_deref(),
             });
         }
         let mut groups: Vec<Vec<usize>> = vec![Vec::new(); e_count];

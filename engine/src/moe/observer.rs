@@ -19,6 +19,8 @@ pub struct RoutedTokens<'a> {
     /// Position in the sequence of the first token of the call (tokens follow in order).
     pub first_position: usize,
     pub(crate) choices: &'a Choices,
+    /// Per expert of the layer, whether it was in memory when the call routed (packed models).
+    pub(crate) resident: Option<&'a [bool]>,
 }
 
 impl<'a> RoutedTokens<'a> {
@@ -31,6 +33,13 @@ impl<'a> RoutedTokens<'a> {
     /// score first). Their number may differ from token to token.
     pub fn token(&self, t: usize) -> &'a [(usize, f32)] {
         self.choices.token(t)
+    }
+
+    /// Whether `expert` was in memory when this call routed its tokens, before any was loaded:
+    /// `Some` for packed models, whose expert cache loads experts on demand (`Some(false)` is a
+    /// miss the call then loads), `None` when every expert is always in memory.
+    pub fn resident(&self, expert: usize) -> Option<bool> {
+        self.resident.and_then(|r| r.get(expert).copied())
     }
 
     /// Position in the sequence of token `t` of the call.

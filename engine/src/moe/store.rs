@@ -24,6 +24,14 @@ pub trait ExpertStore: Send + Sync + Debug {
         let _ = experts;
     }
 
+    /// Whether asking for expert `index` now would find it in memory: `None` for stores that
+    /// hold every expert, `Some` for stores that load them on demand (a packed model's cache).
+    /// It counts as no use of the expert.
+    fn resident(&self, index: usize) -> Option<bool> {
+        let _ = index;
+        None
+    }
+
     /// The expert `index` as f32 matrices (dequantised if stored quantised), for repacking.
     fn to_dense(&self, index: usize) -> Result<DenseExpert>;
 }

@@ -145,6 +145,13 @@ impl ExpertCache {
         })
     }
 
+    /// Whether `(layer, expert)` is loaded now (an expert being loaded is not), without
+    /// counting as a use.
+    pub fn is_resident(&self, layer: u32, expert: u32) -> bool {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(st.slots.get(&(layer, expert)), Some(Slot::Ready { .. }))
+    }
+
     /// The expert `(layer, expert)`, loaded by `load` on a miss. `bytes` is what the loaded
     /// expert will hold in memory; it must not exceed the budget.
     pub fn get(

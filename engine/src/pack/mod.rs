@@ -300,6 +300,10 @@ impl ExpertStore for PackLayerStore {
             .get(self.layer, index as u32, bytes, || self.load(index as u32))
     }
 
+    fn resident(&self, index: usize) -> Option<bool> {
+        Some(self.cache.is_resident(self.layer, index as u32))
+    }
+
     fn to_dense(&self, index: usize) -> Result<DenseExpert> {
         let e = index as u32;
         let read = |k| -> Result<(Vec<f32>, &Entry)> {

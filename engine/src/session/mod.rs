@@ -53,6 +53,14 @@ impl Session {
 
     /// Appends `ids` to the sequence and returns the logits of the last position.
     pub fn feed(&mut self, ids: &[i64]) -> Result<Vec<f32>> {
+        let (logits, vocab) = self.feed_all(ids)?;
+        Ok(logits[logits.len() - vocab..].to_vec())
+    }
+
+    /// Appends `ids` to the sequence and returns the logits of each of them (`[ids.len(),
+    /// vocab]`; for graphs without a KV cache, of every position of the sequence) and the
+    /// vocabulary size.
+    pub fn feed_all(&mut self, ids: &[i64]) -> Result<(Vec<f32>, usize)> {
         if ids.is_empty() {
             return Err(Error::InvalidInput("no tokens to feed".into()));
         }
@@ -81,7 +89,7 @@ impl Session {
                 "the model returned empty logits".into(),
             ));
         }
-        Ok(logits[logits.len() - vocab..].to_vec())
+        Ok((logits, vocab))
     }
 
     /// Every token fed so far.
