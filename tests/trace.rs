@@ -219,3 +219,82 @@ fn a_trace_that_cannot_be_written_is_named() {
     assert!(stderr.contains("/nonexistent-dir/"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn adaptive_top_k_keeps_torchs_first_choice() {
+    let dir = scratch("adaptive");
+    let text = dir.join("kit.txt");
+    let words: Vec<String> = kit_ids().iter().map(|i| format!("t{i}")).collect();
+    std::fs::write(&text, words.join(" ")).unwrap();
+    let torch: Value = serde_json::from_slice(
+        &std::fs::read(fixtures().join("hf-moe/models/mixtral/torch_routing_3.json")).unwrap(),
+    )
+    .unwrap();
+    let tiny = tiny_model();
+    let run = |extra: &[&str], trace: &Path| -> Value {
+        let mut args = vec![
+            "perplexity",
+            "-m",
+            tiny.to_str().unwrap(),
+            "-f",
+            text.to_str().unwrap(),
+            "--context",
+            "32",
+            "--json",
+            "--trace",
+            trace.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_slice(&run_ok(&args).stdout).unwrap()
+    };
+    let base = run(&[], &dir.join("base.jsonl"));
+    assert_eq!(base["routing"]["skipped_slots"], 0);
+    assert_eq!(base["routing"]["routed_slots"], 32 * 2 * 2);
+    // every weight is at least 0: nothing is skipped and nothing changes
+    let zero = run(&["--min-expert-weight", "0"], &dir.join("zero.jsonl"));
+    assert_eq!(zero["all"]["perplexity"], base["all"]["perplexity"]);
+    // renormalised top-2: the second weight is below 0.5, so only the first choice runs, with
+    // weight 1 (the two weights summed to 1); in layer 0 that is torch's first choice
+    for (flag, value) in [("--min-expert-weight", "0.5"), ("--top-p-experts", "0.5")] {
+        let trace = dir.join("half.jsonl");
+        let j = run(&[flag, value], &trace);
+        assert_eq!(j["routing"]["skipped_slots"], 64, "{flag}");
+        assert_eq!(j["routing"]["routed_slots"], 64, "{flag}");
+        assert_ne!(j["all"]["perplexity"], base["all"]["perplexity"]);
+        for line in read_trace(&trace) {
+            let (p, l) = (
+                line["position"].as_u64().unwrap() as usize,
+                line["layer"].as_u64().unwrap(),
+            );
+            assert_eq!(line["experts"].as_array().unwrap().len(), 1, "{flag}");
+            // layer 0 sees the same hidden states as torch did; later layers see the output of
+            // a block that ran one expert per token
+            if l == 0 {
+                assert_eq!(
+                    line["experts"][0], torch["layers"][0]["experts"][p][0],
+                    "{flag}: position {p}"
+                );
+            }
+            let w = line["weights"].as_array().unwrap();
+            assert_eq!(w.len(), 1, "{flag}");
+            assert!((w[0].as_f64().unwrap() - 1.0).abs() < 1e-6, "{flag}: {w:?}");
+        }
+    }
+    let out = moe_edge_cmd()
+        .args([
+            "perplexity",
+            "-m",
+            tiny.to_str().unwrap(),
+            "-f",
+            text.to_str().unwrap(),
+        ])
+        .args(["--top-p-experts", "1.5"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("expert top-p 1.5 is outside (0, 1]"),
+        "{stderr}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}

@@ -61,8 +61,8 @@ pub use generate::{
     CancelHandle, Flow, GenerateParams, Generation, Generator, Step, Steps, StopReason,
 };
 pub use guard::panic_is_caught;
-pub use model::{BlockInfo, LoadOptions, Model};
-pub use moe::{Activation, MoeSpec, RoutedTokens, Routing, RoutingObserver};
+pub use model::{BlockInfo, LoadOptions, Model, RoutingStats};
+pub use moe::{Activation, AdaptiveTopK, MoeSpec, RoutedTokens, Routing, RoutingObserver};
 pub use onnx::forms::BlockReport;
 pub use sampling::{Sampler, SamplingParams};
 pub use session::Session;

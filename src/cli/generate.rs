@@ -130,6 +130,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "decode_seconds": result.decode_seconds,
             "moe_layers": model.blocks().len(),
             "cache": model.cache_stats(),
+            "routing": super::perplexity::routing_report(&model),
         });
         println!("{}", serde_json::to_string(&out)?);
     } else {

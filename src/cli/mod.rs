@@ -76,6 +76,14 @@ pub struct ModelArgs {
     /// Which expert the cache evicts on a miss.
     #[arg(long, value_enum, default_value_t = CachePolicy::LayerCycle)]
     pub cache_policy: CachePolicy,
+    /// Adaptive top-k: skip a chosen expert whose routing weight is below W (the first choice
+    /// is always kept) and rescale the others' weights to the chosen weights' sum.
+    #[arg(long, value_name = "W")]
+    pub min_expert_weight: Option<f32>,
+    /// Adaptive top-k: keep the fewest chosen experts whose weights reach P of the chosen
+    /// weights' sum, in the router's order, and rescale their weights likewise.
+    #[arg(long, value_name = "P")]
+    pub top_p_experts: Option<f32>,
 }
 
 impl ModelArgs {
@@ -86,6 +94,10 @@ impl ModelArgs {
             expert_cache_mb: self.expert_cache_mb,
             verify: self.verify,
             cache_policy: self.cache_policy.into(),
+            adaptive_top_k: moe_edge_engine::AdaptiveTopK {
+                min_weight: self.min_expert_weight,
+                top_p: self.top_p_experts,
+            },
         };
         Ok(moe_edge_engine::Model::load(&self.model, opts)?)
     }

@@ -271,16 +271,40 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
             "all": total,
             "seconds": seconds,
             "kl_base": args.kl_base.as_ref().map(|p| p.display().to_string()),
+            "routing": routing_report(&model),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
     print_table(&results, &total, args.kl_base.is_some());
+    let routing = model.routing_stats();
+    if routing.skipped_slots > 0 {
+        eprintln!(
+            "adaptive top-k ran {} of the {} experts the routers chose ({:.1}% skipped)",
+            routing.routed_slots,
+            routing.routed_slots + routing.skipped_slots,
+            100.0 * skipped_share(routing)
+        );
+    }
     eprintln!(
         "{} windows of {context} tokens (stride {stride}) in {seconds:.1} s",
         total_windows
     );
     Ok(())
+}
+
+fn skipped_share(r: moe_edge_engine::RoutingStats) -> f64 {
+    r.skipped_slots as f64 / (r.routed_slots + r.skipped_slots).max(1) as f64
+}
+
+/// Expert slots run and skipped (adaptive top-k), for the JSON outputs.
+pub fn routing_report(model: &moe_edge_engine::Model) -> serde_json::Value {
+    let r = model.routing_stats();
+    json!({
+        "routed_slots": r.routed_slots,
+        "skipped_slots": r.skipped_slots,
+        "skipped_share": skipped_share(r),
+    })
 }
 
 fn print_table(results: &[serde_json::Value], total: &serde_json::Value, with_base: bool) {

@@ -42,6 +42,16 @@ pub struct LoadOptions {
     pub verify: bool,
     /// Which expert the cache evicts on a miss (packed models).
     pub cache_policy: EvictionPolicy,
+    /// Skipping low-weight experts at run time (off by default).
+    pub adaptive_top_k: crate::moe::AdaptiveTopK,
+}
+
+/// How many expert slots (token x chosen expert) the model's MoE blocks ran, and how many the
+/// learnt top-k chose that adaptive top-k skipped.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RoutingStats {
+    pub routed_slots: u64,
+    pub skipped_slots: u64,
 }
 
 /// One MoE block of a model, as imported (or as packed).
@@ -97,6 +107,7 @@ impl Model {
     /// `chat_template.jinja`) are read from the model's own directory only.
     pub fn load(path: &Path, opts: LoadOptions) -> Result<Model> {
         crate::threads::share_pool_with_tract();
+        opts.adaptive_top_k.validate()?;
         let files = ModelFiles::resolve(path)?;
         let mut removed_initializers = 0;
         let mut manifest = None;
@@ -144,6 +155,16 @@ impl Model {
                 };
                 (imported.proto, ops, blocks, imported.fallbacks, None)
             };
+        let mut ops = ops;
+        for layer in ops.moe.iter_mut() {
+            Arc::get_mut(layer)
+                .ok_or_else(|| Error::ModelLoad {
+                    path: files.onnx.clone(),
+                    reason: "an MoE layer is shared while loading".into(),
+                })?
+                .router
+                .adaptive = opts.adaptive_top_k;
+        }
         let load_err = |reason: String| Error::ModelLoad {
             path: files.onnx.clone(),
             reason,
@@ -240,6 +261,18 @@ impl Model {
     /// The vocabulary size (the embedding table's rows), when the graph shows it.
     pub fn vocab_size(&self) -> Option<usize> {
         self.vocab
+    }
+
+    /// Expert slots run and skipped so far, over every MoE block and session.
+    pub fn routing_stats(&self) -> RoutingStats {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.ops
+            .moe
+            .iter()
+            .fold(RoutingStats::default(), |s, l| RoutingStats {
+                routed_slots: s.routed_slots + l.routed_slots.load(Relaxed),
+                skipped_slots: s.skipped_slots + l.skipped_slots.load(Relaxed),
+            })
     }
 
     /// The expert cache's counters, for packed models.

@@ -1,6 +1,7 @@
 //! The sparse MoE forward pass: route every token, group tokens by expert, run each selected
 //! expert once over all of its tokens, and combine the results with the routing weights.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -22,6 +23,10 @@ pub struct MoeLayer {
     pub router: Router,
     pub experts: Arc<dyn ExpertStore>,
     pub shared: Option<SharedExpert>,
+    /// Expert slots routed so far (token x expert pairs that ran), and the ones the learnt
+    /// top-k chose that adaptive top-k skipped.
+    pub routed_slots: AtomicU64,
+    pub skipped_slots: AtomicU64,
 }
 
 /// Who watches a call, and where the call's tokens sit in the sequence.
@@ -67,6 +72,8 @@ impl MoeLayer {
             router,
             experts,
             shared,
+            routed_slots: AtomicU64::new(0),
+            skipped_slots: AtomicU64::new(0),
         })
     }
 
@@ -85,6 +92,10 @@ impl MoeLayer {
 
         // 1. per-token choices (their number may vary by token), grouped by expert
         let choices = self.router.choose(x, tokens);
+        self.routed_slots
+            .fetch_add(choices.choices.len() as u64, Ordering::Relaxed);
+        self.skipped_slots
+            .fetch_add(choices.skipped as u64, Ordering::Relaxed);
         if let Some(observer) = ctx.observer {
             let resident: Option<Vec<bool>> =
                 (0..e_count).map(|e| self.experts.resident(e)).collect();

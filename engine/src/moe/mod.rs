@@ -13,4 +13,5 @@ pub(crate) mod store;
 mod tests;
 
 pub use observer::{RoutedTokens, RoutingObserver};
+pub use router::AdaptiveTopK;
 pub use spec::{Activation, MoeSpec, Routing};

@@ -5,7 +5,8 @@ use super::expert::{matmul_wt, sigmoid};
 use super::spec::Routing;
 use crate::error::{Error, Result};
 
-/// A block's router: `logits = x . W^T (+ bias)`, then [`route`].
+/// A block's router: `logits = x . W^T (+ bias)`, then [`route`], then the run-time
+/// [`AdaptiveTopK`] (off unless asked for).
 #[derive(Debug, Clone)]
 pub struct Router {
     /// `[experts, hidden]`
@@ -14,6 +15,7 @@ pub struct Router {
     pub bias: Option<Vec<f32>>,
     pub routing: Routing,
     pub top_k: usize,
+    pub adaptive: AdaptiveTopK,
     experts: usize,
     hidden: usize,
 }
@@ -23,6 +25,79 @@ pub struct Router {
 pub struct Choices {
     pub offsets: Vec<usize>,
     pub choices: Vec<(usize, f32)>,
+    /// Experts the learnt top-k chose that [`AdaptiveTopK`] skipped.
+    pub skipped: usize,
+}
+
+/// Run-time changes to the learnt top-k (adaptive top-k): a chosen expert whose weight is too
+/// small to matter is skipped, and the weights of the kept experts are rescaled so that they sum
+/// to what all the chosen weights summed to (the block's output keeps its scale; with
+/// renormalised routing they sum to 1 again). The router's first choice is always kept.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct AdaptiveTopK {
+    /// Skip a chosen expert whose combination weight is below this.
+    pub min_weight: Option<f32>,
+    /// Keep the fewest experts, in the router's order, whose weights reach this share of the
+    /// chosen weights' sum.
+    pub top_p: Option<f32>,
+}
+
+impl AdaptiveTopK {
+    pub fn is_off(&self) -> bool {
+        self.min_weight.is_none() && self.top_p.is_none()
+    }
+
+    /// Checks the values: a minimum weight in [0, 1], a top-p in (0, 1].
+    pub fn validate(&self) -> Result<()> {
+        if let Some(w) = self.min_weight.filter(|w| !(0.0..=1.0).contains(w)) {
+            return Err(Error::InvalidInput(format!(
+                "minimum expert weight {w} is outside [0, 1]"
+            )));
+        }
+        if let Some(p) = self.top_p.filter(|p| !(*p > 0.0 && *p <= 1.0)) {
+            return Err(Error::InvalidInput(format!(
+                "expert top-p {p} is outside (0, 1]"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Drops the experts of one token's choices (router order, highest first) that the settings
+    /// skip and rescales the rest; returns how many were dropped.
+    pub fn apply(&self, choices: &mut Vec<(usize, f32)>) -> usize {
+        let before = choices.len();
+        if before <= 1 || self.is_off() {
+            return 0;
+        }
+        let total: f32 = choices.iter().map(|(_, w)| w).sum();
+        let mut keep = before;
+        if let Some(p) = self.top_p {
+            let mut reached = 0.0;
+            for (i, (_, w)) in choices.iter().enumerate() {
+                reached += w;
+                if reached >= p * total {
+                    keep = i + 1;
+                    break;
+                }
+            }
+        }
+        if let Some(min) = self.min_weight {
+            keep = keep.min(
+                1 + choices[1..keep]
+                    .iter()
+                    .take_while(|(_, w)| *w >= min)
+                    .count(),
+            );
+        }
+        choices.truncate(keep);
+        let kept: f32 = choices.iter().map(|(_, w)| w).sum();
+        if keep < before && kept > 0.0 {
+            for (_, w) in choices.iter_mut() {
+                *w *= total / kept;
+            }
+        }
+        before - keep
+    }
 }
 
 impl Choices {
@@ -65,6 +140,7 @@ impl Router {
             bias,
             routing,
             top_k,
+            adaptive: AdaptiveTopK::default(),
             experts,
             hidden,
         })
@@ -78,6 +154,7 @@ impl Router {
         let mut out = Choices {
             offsets: Vec::with_capacity(tokens + 1),
             choices: Vec::with_capacity(tokens * self.top_k),
+            skipped: 0,
         };
         out.offsets.push(0);
         let mut one = Vec::with_capacity(self.top_k);
@@ -88,6 +165,7 @@ impl Router {
                 }
             }
             route(row, self.top_k, self.routing, &mut one);
+            out.skipped += self.adaptive.apply(&mut one);
             out.choices.extend_from_slice(&one);
             out.offsets.push(out.choices.len());
         }
@@ -151,6 +229,76 @@ fn top_k(values: &[f32], k: usize, out: &mut Vec<(usize, f32)>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn adaptive_top_k_by_hand() {
+        let choices = vec![(3, 0.5f32), (1, 0.3), (7, 0.15), (0, 0.05)];
+        let run = |a: AdaptiveTopK| {
+            let mut c = choices.clone();
+            let dropped = a.apply(&mut c);
+            (c, dropped)
+        };
+        assert_eq!(run(AdaptiveTopK::default()), (choices.clone(), 0));
+        // weight >= 0.3 kept: 0.5 and 0.3, rescaled to sum 1.0 (0.625, 0.375)
+        let (c, d) = run(AdaptiveTopK {
+            min_weight: Some(0.3),
+            top_p: None,
+        });
+        assert_eq!(d, 2);
+        assert_eq!(c.iter().map(|x| x.0).collect::<Vec<_>>(), vec![3, 1]);
+        assert!((c[0].1 - 0.625).abs() < 1e-6 && (c[1].1 - 0.375).abs() < 1e-6);
+        // the first choice stays whatever its weight
+        let (c, d) = run(AdaptiveTopK {
+            min_weight: Some(0.9),
+            top_p: None,
+        });
+        assert_eq!((c, d), (vec![(3, 1.0)], 3));
+        // top-p 0.9: 0.5 + 0.3 + 0.15 reaches 0.9 of the sum 1.0
+        let (c, d) = run(AdaptiveTopK {
+            min_weight: None,
+            top_p: Some(0.9),
+        });
+        assert_eq!(d, 1);
+        assert!((c.iter().map(|x| x.1).sum::<f32>() - 1.0).abs() < 1e-6);
+        // top-p over weights that sum to 0.5 (no renormalisation): shares of that sum
+        let mut half: Vec<(usize, f32)> = choices.iter().map(|&(e, w)| (e, w / 2.0)).collect();
+        let a = AdaptiveTopK {
+            min_weight: None,
+            top_p: Some(0.5),
+        };
+        assert_eq!(a.apply(&mut half), 3);
+        assert_eq!(half, vec![(3, 0.5)], "rescaled to the chosen weights' sum");
+        // both: top-p keeps three, the minimum weight two of them
+        let (c, d) = run(AdaptiveTopK {
+            min_weight: Some(0.2),
+            top_p: Some(0.9),
+        });
+        assert_eq!((c.len(), d), (2, 2));
+        assert!(AdaptiveTopK {
+            min_weight: Some(1.5),
+            top_p: None
+        }
+        .validate()
+        .is_err());
+        assert!(AdaptiveTopK {
+            min_weight: None,
+            top_p: Some(0.0)
+        }
+        .validate()
+        .is_err());
+        assert!(AdaptiveTopK {
+            min_weight: None,
+            top_p: Some(f32::NAN)
+        }
+        .validate()
+        .is_err());
+        assert!(AdaptiveTopK {
+            min_weight: Some(0.3),
+            top_p: Some(1.0)
+        }
+        .validate()
+        .is_ok());
+    }
 
     #[test]
     fn softmax_topk_renormalized_by_hand() {
