@@ -10,10 +10,11 @@
 //! context.
 
 use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
+use moe_edge_engine::PartialFile;
 use serde::{Deserialize, Serialize};
 
 /// One window of a perplexity run over a token sequence.
@@ -216,11 +217,10 @@ impl LogitsHeader {
 }
 
 /// Writes a saved-logits file: a temporary file beside the target, renamed over it by
-/// [`LogitsWriter::finish`] once every row is written and synced.
+/// [`LogitsWriter::finish`] once every row is written and synced (a run that fails first leaves
+/// no file).
 pub struct LogitsWriter {
-    out: Option<BufWriter<File>>,
-    done: bool,
-    tmp: PathBuf,
+    file: PartialFile,
     path: PathBuf,
     vocab: usize,
     rows_left: usize,
@@ -228,22 +228,15 @@ pub struct LogitsWriter {
 
 impl LogitsWriter {
     pub fn create(path: &Path, header: &LogitsHeader) -> anyhow::Result<Self> {
-        let name = path
-            .file_name()
-            .with_context(|| format!("{} is not a file name", path.display()))?
-            .to_string_lossy()
-            .into_owned();
-        let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut out = BufWriter::with_capacity(1 << 20, file);
+        let mut file =
+            PartialFile::create(path).with_context(|| format!("creating {}", path.display()))?;
         let json = serde_json::to_vec(header)?;
+        let out = file.writer();
         out.write_all(MAGIC)?;
         out.write_all(&(json.len() as u64).to_le_bytes())?;
         out.write_all(&json)?;
         Ok(LogitsWriter {
-            out: Some(out),
-            done: false,
-            tmp,
+            file,
             path: path.to_path_buf(),
             vocab: header.vocab,
             rows_left: header.rows(),
@@ -259,42 +252,24 @@ impl LogitsWriter {
             self.vocab,
             self.rows_left
         );
-        let out = self.out.as_mut().context("already finished")?;
         self.rows_left -= 1;
+        let out = self.file.writer();
         for v in logits {
             out.write_all(&v.to_le_bytes())?;
         }
         Ok(())
     }
 
-    pub fn finish(mut self) -> anyhow::Result<()> {
-        let result = (|| {
-            ensure!(
-                self.rows_left == 0,
-                "{} rows were not written",
-                self.rows_left
-            );
-            let file = self
-                .out
-                .take()
-                .map(|out| out.into_inner().map_err(|e| e.into_error()));
-            let file = file.context("already finished")??;
-            file.sync_all()?;
-            drop(file);
-            moe_edge_engine::persist(&self.tmp, &self.path)?;
-            self.done = true;
-            Ok(())
-        })();
-        result.with_context(|| format!("writing {}", self.path.display()))
-    }
-}
-
-impl Drop for LogitsWriter {
-    fn drop(&mut self) {
-        // a run that failed before finish() leaves no partial file behind
-        if !self.done {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
+    pub fn finish(self) -> anyhow::Result<()> {
+        ensure!(
+            self.rows_left == 0,
+            "{}: {} rows were not written",
+            self.path.display(),
+            self.rows_left
+        );
+        self.file
+            .commit()
+            .with_context(|| format!("writing {}", self.path.display()))
     }
 }
 

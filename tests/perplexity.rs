@@ -260,6 +260,22 @@ fn save_logits_then_compare_round_trip() {
         2,
         "no temporary file left"
     );
+    // --max-windows: the first window only
+    let j = run_json(&[
+        "perplexity",
+        "-m",
+        &m,
+        "-f",
+        t,
+        "-c",
+        "16",
+        "--stride",
+        "8",
+        "--max-windows",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(j["all"]["scored"], 8);
     std::fs::remove_dir_all(&dir).ok();
 }
 
@@ -289,6 +305,8 @@ fn bad_input_is_named() {
         e.contains("--stride must be between 1 and the context"),
         "{e}"
     );
+    let e = run_err(&["perplexity", "-m", &m, "-f", t, "--max-windows", "0"]);
+    assert!(e.contains("--max-windows must be at least 1"), "{e}");
     let e = run_err(&["perplexity", "-m", &m, "-f", t, "--context", "100000"]);
     assert!(e.contains("longer than the model's context"), "{e}");
     let missing = dir.join("missing.txt");

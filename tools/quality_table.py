@@ -46,27 +46,18 @@ def llama_ppl(bin_dir, gguf, text, context, extra):
     out = run([os.path.join(bin_dir, "llama-perplexity"), "-m", gguf, "-f", text, "-c", str(context), "-b", str(context), "-t", str(os.cpu_count()), *extra])
     log_text = out.stdout + out.stderr
     r = {}
-    m = re.search(r"Final estimate: PPL = ([\d.]+)", log_text)
-    if m:
-        r["perplexity"] = float(m.group(1))
-    m = re.search(r"Mean PPL\(Q\)\s*:\s*([\d.]+)", log_text)
-    if m:
-        r["perplexity"] = float(m.group(1))
-    m = re.search(r"Mean\s+KLD:\s*([-\d.]+)", log_text)
-    if m:
-        r["kl_mean"] = float(m.group(1))
-    m = re.search(r"Median\s+KLD:\s*([-\d.]+)", log_text)
-    if m:
-        r["kl_median"] = float(m.group(1))
-    m = re.search(r"99\.0%\s+KLD:\s*([-\d.]+)", log_text)
-    if m:
-        r["kl_p99"] = float(m.group(1))
-    m = re.search(r"Same top p:\s*([\d.]+)\s*±", log_text)
-    if m:
-        r["top1_agreement"] = float(m.group(1)) / 100
-    m = re.search(r"calculating perplexity over (\d+) chunks", log_text)
-    if m:
-        r["chunks"] = int(m.group(1))
+    # later patterns win: in KL mode "Mean PPL(Q)" is the model's perplexity
+    for key, pattern, scale in (
+        ("perplexity", r"Final estimate: PPL = ([\d.]+)", 1),
+        ("perplexity", r"Mean PPL\(Q\)\s*:\s*([\d.]+)", 1),
+        ("kl_mean", r"Mean\s+KLD:\s*([-\d.]+)", 1),
+        ("kl_median", r"Median\s+KLD:\s*([-\d.]+)", 1),
+        ("kl_p99", r"99\.0%\s+KLD:\s*([-\d.]+)", 1),
+        ("top1_agreement", r"Same top p:\s*([\d.]+)\s*±", 0.01),
+    ):
+        m = re.search(pattern, log_text)
+        if m:
+            r[key] = float(m.group(1)) * scale
     if "perplexity" not in r or ("--kl-divergence" in extra and ("top1_agreement" not in r or "kl_mean" not in r)):
         raise SystemExit(f"llama-perplexity's output lacks a figure ({sorted(r)}):\n{log_text[-3000:]}")
     return r

@@ -55,7 +55,7 @@ mod test_support;
 
 pub use chat::{ChatMessage, ChatTemplate, Conversation};
 pub use config::ModelConfig;
-pub use durable::{persist, sync_dir};
+pub use durable::{persist, sync_dir, PartialFile};
 pub use error::{Error, Result};
 pub use generate::{
     CancelHandle, Flow, GenerateParams, Generation, Generator, Step, Steps, StopReason,

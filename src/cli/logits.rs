@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::Args;
 use ndarray::{ArrayD, IxDyn};
+use ndarray_npy::WriteNpyExt;
 
 use super::ModelArgs;
 
@@ -36,25 +37,12 @@ pub fn run(args: LogitsArgs) -> anyhow::Result<()> {
     let arr = ArrayD::from_shape_vec(IxDyn(&[batch, seq, vocab]), logits)?;
     // written beside the output, synced, then renamed: an interrupted run or a crash leaves no
     // partial file
-    let name = args
-        .output
-        .file_name()
-        .with_context(|| format!("{} is not a file name", args.output.display()))?
-        .to_string_lossy()
-        .into_owned();
-    let tmp = args
-        .output
-        .with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    let written = ndarray_npy::write_npy(&tmp, &arr)
-        .with_context(|| format!("writing {}", tmp.display()))
-        .and_then(|()| {
-            moe_edge_engine::persist(&tmp, &args.output)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), args.output.display()))
-        });
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    let written = moe_edge_engine::PartialFile::create(&args.output).and_then(|mut file| {
+        arr.write_npy(file.writer())
+            .map_err(std::io::Error::other)?;
+        file.commit()
+    });
+    written.with_context(|| format!("writing {}", args.output.display()))
 }
 
 /// The ids of an `.npy` file, checked against the file's size before anything is allocated for

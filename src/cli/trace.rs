@@ -1,50 +1,40 @@
 //! `--trace FILE.jsonl`: the routing of every token at every MoE layer, one JSON object per line,
 //! written as the model runs (see docs/TRACE.md for the format).
 
-use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use anyhow::Context;
-use moe_edge_engine::{RoutedTokens, RoutingObserver};
+use moe_edge_engine::{PartialFile, RoutedTokens, RoutingObserver};
 
 /// A routing observer writing a trace file: under a temporary name until [`TraceFile::finish`]
 /// syncs it and renames it into place; a run that fails leaves no trace file.
 pub struct TraceFile {
     path: PathBuf,
-    tmp: PathBuf,
     state: Mutex<State>,
 }
 
 struct State {
-    out: Option<BufWriter<File>>,
+    file: Option<PartialFile>,
     /// The first write error (the observer cannot return one): reported by `finish`.
     error: Option<std::io::Error>,
     /// JSON members put first on every line (`"text":"de","start":512,`), or empty.
     tag: String,
     lines: u64,
-    done: bool,
 }
 
 impl TraceFile {
     pub fn create(path: &Path) -> anyhow::Result<Arc<Self>> {
-        let name = path
-            .file_name()
-            .with_context(|| format!("--trace {} is not a file name", path.display()))?
-            .to_string_lossy()
-            .into_owned();
-        let tmp = path.with_file_name(format!(".{name}.partial-{}", std::process::id()));
-        let file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        let file = PartialFile::create(path)
+            .with_context(|| format!("creating the trace {}", path.display()))?;
         Ok(Arc::new(TraceFile {
             path: path.to_path_buf(),
-            tmp,
             state: Mutex::new(State {
-                out: Some(BufWriter::with_capacity(1 << 16, file)),
+                file: Some(file),
                 error: None,
                 tag: String::new(),
                 lines: 0,
-                done: false,
             }),
         }))
     }
@@ -67,29 +57,12 @@ impl TraceFile {
     /// Flushes, syncs and renames the trace into place; returns the number of lines.
     pub fn finish(&self) -> anyhow::Result<u64> {
         let mut st = self.lock();
-        let result = (|| {
-            if let Some(e) = st.error.take() {
-                return Err(anyhow::Error::from(e));
-            }
-            let out = st.out.take().context("the trace was already finished")?;
-            let file = out.into_inner().map_err(|e| e.into_error())?;
-            file.sync_all()?;
-            drop(file);
-            moe_edge_engine::persist(&self.tmp, &self.path)?;
-            Ok(st.lines)
-        })();
-        if result.is_ok() {
-            st.done = true;
-        }
+        let result = match (st.error.take(), st.file.take()) {
+            (Some(e), _) => Err(anyhow::Error::from(e)),
+            (None, None) => Err(anyhow::anyhow!("the trace was already finished")),
+            (None, Some(file)) => file.commit().map(|()| st.lines).map_err(Into::into),
+        };
         result.with_context(|| format!("writing the trace {}", self.path.display()))
-    }
-}
-
-impl Drop for TraceFile {
-    fn drop(&mut self) {
-        if !self.lock().done {
-            let _ = std::fs::remove_file(&self.tmp);
-        }
     }
 }
 
@@ -97,15 +70,15 @@ impl RoutingObserver for TraceFile {
     fn on_routing(&self, routed: &RoutedTokens<'_>) {
         let mut st = self.lock();
         let State {
-            out,
+            file,
             error,
             tag,
             lines,
-            ..
         } = &mut *st;
-        let (Some(out), None) = (out.as_mut(), error.as_ref()) else {
+        let (Some(file), None) = (file.as_mut(), error.as_ref()) else {
             return;
         };
+        let out = file.writer();
         let mut line = String::with_capacity(128);
         for t in 0..routed.tokens() {
             line.clear();
