@@ -9,10 +9,7 @@ use std::path::{Path, PathBuf};
 use common::*;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("moe-edge-ppl-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    scratch_dir("ppl", name)
 }
 
 /// The kit's 32-token input as text for the tiny model's word-level tokenizer (`t<id>`), and
@@ -41,13 +38,7 @@ fn log_softmax(row: &[f64]) -> Vec<f64> {
 }
 
 fn run_json(args: &[&str]) -> serde_json::Value {
-    let out = moe_edge_cmd().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).unwrap()
+    json_output(moe_edge_cmd().args(args))
 }
 
 fn run_err(args: &[&str]) -> String {

@@ -11,10 +11,7 @@ use common::*;
 use serde_json::Value;
 
 fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("moe-edge-trace-{name}-{}", std::process::id()));
-    std::fs::remove_dir_all(&dir).ok();
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+    scratch_dir("trace", name)
 }
 
 fn run_ok(args: &[&str]) -> std::process::Output {

@@ -554,13 +554,19 @@ def chunk_nll(model, ids, ctx, bos):
     return nll
 
 
-def evaluate(args):
+def load_checkpoint(work):
+    """The trained checkpoint in eval mode, with transformers' eager (one expert at a time) MoE."""
     import torch
     import transformers
 
     torch.set_num_threads(os.cpu_count())
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(args.work, "hf"), attn_implementation="eager").eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(work, "hf"), attn_implementation="eager").eval()
     model.set_experts_implementation("eager")
+    return model
+
+
+def evaluate(args):
+    model = load_checkpoint(args.work)
     tok = load_tokenizer(args.work)
     bos = tok.token_to_id("<|endoftext|>")
     result = {}
@@ -581,12 +587,7 @@ def evaluate(args):
 def fixture(args):
     """A small test fixture: the start of each language's held-out text (one window of --context
     tokens and a little more) and torch's perplexity over it, written to --fixture-out."""
-    import torch
-    import transformers
-
-    torch.set_num_threads(os.cpu_count())
-    model = transformers.AutoModelForCausalLM.from_pretrained(os.path.join(args.work, "hf"), attn_implementation="eager").eval()
-    model.set_experts_implementation("eager")
+    model = load_checkpoint(args.work)
     tok = load_tokenizer(args.work)
     bos = tok.token_to_id("<|endoftext|>")
     out = args.fixture_out

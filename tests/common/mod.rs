@@ -49,3 +49,12 @@ pub fn json_output(cmd: &mut std::process::Command) -> serde_json::Value {
     serde_json::from_slice(&out.stdout)
         .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }
+
+/// An empty scratch directory for one test, named after the test file's `tag`, the test's `name`
+/// and the process.
+pub fn scratch_dir(tag: &str, name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("moe-edge-{tag}-{name}-{}", std::process::id()));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
