@@ -1,6 +1,6 @@
 // The chat page of `moe-edge serve`, driven in headless Chromium (Debian's chromium, through
-// playwright-core): a message typed and sent, the reply seen streaming in and equal to the
-// server's non-streamed answer to the same conversation, a second turn reusing the KV cache,
+// playwright-core): a message typed and sent, the reply equal to the server's
+// non-streamed answer to the same conversation, a second turn reusing the KV cache,
 // the stop button cutting a long reply, and a screenshot kept as a CI artifact.
 //
 //   node tests/browser/chat_page.mjs target/debug/moe-edge [screenshot.png]
@@ -144,7 +144,6 @@ async function main() {
     const ref1 = await apiReply(base, [{ role: "system", content: SYSTEM }, { role: "user", content: user1 }], 40);
     check("turn 1: the reply equals the server's non-streamed answer", turn1.text === ref1.text,
       `page ${JSON.stringify(turn1.text)} vs api ${JSON.stringify(ref1.text)}`);
-    check("turn 1: the reply arrived in several pieces (streamed)", turn1.updates >= 2, `${turn1.updates} updates`);
     check("turn 1: the figures of the reply are shown", /decode [\d.]+ tok\/s/.test(turn1.stats) &&
       /prompt \d+ new \+ \d+ reused tokens/.test(turn1.stats), turn1.stats);
     check("turn 1: no error shown", turn1.errors === 0);
@@ -171,6 +170,9 @@ async function main() {
       `finish ${full.finish}`);
     await page.fill("#seed", String(stopSeed));
     const stopped = await sendMessage(page, user3, 200, { stopAfterFirstPiece: true });
+    // streaming shown where it cannot be a race: the page drew part of a 182-token reply and
+    // the stop button then cut it (a short reply may arrive in one network read and be drawn once)
+    check("stop: the page drew the reply while it streamed", stopped.updates >= 1, `${stopped.updates} updates`);
     check("stop: the reply is marked stopped", stopped.finish === "stopped", `finish ${stopped.finish}`);
     check("stop: the stopped reply is a strict prefix of the full answer",
       full.text.startsWith(stopped.text) && stopped.text.length < full.text.length,
