@@ -62,7 +62,11 @@ pub use generate::{
 };
 pub use guard::panic_is_caught;
 pub use model::{BlockInfo, LoadOptions, Model, RoutingStats};
-pub use moe::{Activation, AdaptiveTopK, MoeSpec, RoutedTokens, Routing, RoutingObserver};
+pub use moe::{
+    Activation, AdaptiveTopK, ExpertMask, Keep, LabelledUsage, LayerUsage, MoeSpec,
+    ProfileRecorder, ProfiledLayer, Ratio, RoutedTokens, Routing, RoutingObserver, RoutingProfile,
+    Usage,
+};
 pub use onnx::forms::BlockReport;
 pub use sampling::{Sampler, SamplingParams};
 pub use session::Session;

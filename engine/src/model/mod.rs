@@ -17,7 +17,7 @@ use crate::chat::ChatTemplate;
 use crate::config::ModelConfig;
 use crate::error::{Error, Result};
 use crate::files::ModelFiles;
-use crate::moe::MoeSpec;
+use crate::moe::{ExpertMask, MoeSpec};
 use crate::onnx::forms::BlockReport;
 use crate::onnx::{import_model, DetectOptions};
 use crate::ops::OpTable;
@@ -273,6 +273,63 @@ impl Model {
                 routed_slots: s.routed_slots + l.routed_slots.load(Relaxed),
                 skipped_slots: s.skipped_slots + l.skipped_slots.load(Relaxed),
             })
+    }
+
+    /// Forbids the routers to choose the experts `mask` disables (see [`Router::restrict`]
+    /// for the routing over the rest). Call before running the model; a layer the model does not
+    /// have, an expert out of range, or fewer than top-k experts left in a layer is refused and
+    /// changes nothing.
+    ///
+    /// [`Router::restrict`]: crate::moe::router::Router::restrict
+    pub fn restrict_experts(&mut self, mask: &ExpertMask) -> Result<()> {
+        let mut updated = vec![];
+        for (layer, disabled) in mask.layers() {
+            let (b, l) = self
+                .ops
+                .moe
+                .iter()
+                .enumerate()
+                .find(|(_, l)| l.spec.layer == layer)
+                .ok_or_else(|| {
+                    let have: Vec<String> = self
+                        .blocks
+                        .iter()
+                        .map(|b| b.spec.layer.to_string())
+                        .collect();
+                    Error::InvalidInput(format!(
+                        "expert mask: the model has no MoE layer {layer} (its MoE layers: {})",
+                        have.join(", ")
+                    ))
+                })?;
+            let experts = l.spec.experts;
+            if let Some(&e) = disabled.iter().find(|&&e| e >= experts) {
+                return Err(Error::InvalidInput(format!(
+                    "expert mask: layer {layer} has {experts} experts, there is no expert {e}"
+                )));
+            }
+            let mut router = l.router.clone();
+            let allowed: Vec<bool> = (0..experts).map(|e| !disabled.contains(&e)).collect();
+            router
+                .restrict(&allowed)
+                .map_err(|e| Error::InvalidInput(format!("expert mask, layer {layer}: {e}")))?;
+            updated.push((b, router));
+        }
+        for (b, router) in updated {
+            let layer = Arc::get_mut(&mut self.ops.moe[b]).ok_or_else(|| {
+                Error::InvalidInput("experts can only be restricted before the model runs".into())
+            })?;
+            layer.router = router;
+        }
+        Ok(())
+    }
+
+    /// Whether the routers of model layer `layer` may choose `expert` (`None`: no such layer).
+    pub fn expert_allowed(&self, layer: usize, expert: usize) -> Option<bool> {
+        self.ops
+            .moe
+            .iter()
+            .find(|l| l.spec.layer == layer)
+            .map(|l| l.router.is_allowed(expert))
     }
 
     /// The expert cache's counters, for packed models.

@@ -104,6 +104,7 @@ impl MoeLayer {
                 layer: self.spec.layer,
                 first_position: ctx.first_position,
                 choices: &choices,
+                input: x,
                 resident: resident.as_deref(),
             });
         }

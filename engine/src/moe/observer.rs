@@ -19,6 +19,8 @@ pub struct RoutedTokens<'a> {
     /// Position in the sequence of the first token of the call (tokens follow in order).
     pub first_position: usize,
     pub(crate) choices: &'a Choices,
+    /// The block's input `[tokens, hidden]` (what its router scored).
+    pub(crate) input: &'a [f32],
     /// Per expert of the layer, whether it was in memory when the call routed (packed models).
     pub(crate) resident: Option<&'a [bool]>,
 }
@@ -40,6 +42,13 @@ impl<'a> RoutedTokens<'a> {
     /// miss the call then loads), `None` when every expert is always in memory.
     pub fn resident(&self, expert: usize) -> Option<bool> {
         self.resident.and_then(|r| r.get(expert).copied())
+    }
+
+    /// The block's input for token `t` of the call (`hidden` values): the hidden state its
+    /// router scored. Lets an observer ask what another layer's router would choose from it.
+    pub fn input(&self, t: usize) -> &'a [f32] {
+        let h = self.input.len() / self.tokens().max(1);
+        &self.input[t * h..(t + 1) * h]
     }
 
     /// Position in the sequence of token `t` of the call.

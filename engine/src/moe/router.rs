@@ -5,8 +5,8 @@ use super::expert::{matmul_wt, sigmoid};
 use super::spec::Routing;
 use crate::error::{Error, Result};
 
-/// A block's router: `logits = x . W^T (+ bias)`, then [`route`], then the run-time
-/// [`AdaptiveTopK`] (off unless asked for).
+/// A block's router: `logits = x . W^T (+ bias)`, experts outside `allowed` masked out, then
+/// [`route`], then the run-time [`AdaptiveTopK`] (off unless asked for).
 #[derive(Debug, Clone)]
 pub struct Router {
     /// `[experts, hidden]`
@@ -16,6 +16,11 @@ pub struct Router {
     pub routing: Routing,
     pub top_k: usize,
     pub adaptive: AdaptiveTopK,
+    /// Per expert, whether the router may choose it (`None`: all may). A masked expert's logit is
+    /// -inf: it is never chosen and the routing is computed over the others alone, as if the
+    /// block had been trained without it (softmax over the allowed experts, renormalised or not
+    /// as the block's routing is). Set by [`Router::restrict`].
+    allowed: Option<Vec<bool>>,
     experts: usize,
     hidden: usize,
 }
@@ -141,9 +146,39 @@ impl Router {
             routing,
             top_k,
             adaptive: AdaptiveTopK::default(),
+            allowed: None,
             experts,
             hidden,
         })
+    }
+
+    /// Whether the router may choose `expert`.
+    pub fn is_allowed(&self, expert: usize) -> bool {
+        expert < self.experts && self.allowed.as_ref().is_none_or(|a| a[expert])
+    }
+
+    /// Forbids the experts whose `allowed` flag is false, on top of any earlier restriction.
+    /// At least top-k experts must stay allowed.
+    pub fn restrict(&mut self, allowed: &[bool]) -> Result<()> {
+        if allowed.len() != self.experts {
+            return Err(Error::InvalidInput(format!(
+                "an expert mask of {} experts for a router of {}",
+                allowed.len(),
+                self.experts
+            )));
+        }
+        let merged: Vec<bool> = (0..self.experts)
+            .map(|e| allowed[e] && self.is_allowed(e))
+            .collect();
+        let left = merged.iter().filter(|a| **a).count();
+        if left < self.top_k {
+            return Err(Error::InvalidInput(format!(
+                "{left} of {} experts left allowed, fewer than the {} each token chooses",
+                self.experts, self.top_k
+            )));
+        }
+        self.allowed = (left < self.experts).then_some(merged);
+        Ok(())
     }
 
     /// Routes `x[tokens, hidden]`.
@@ -162,6 +197,13 @@ impl Router {
             if let Some(b) = &self.bias {
                 for (l, b) in row.iter_mut().zip(b) {
                     *l += b;
+                }
+            }
+            if let Some(allowed) = &self.allowed {
+                for (l, a) in row.iter_mut().zip(allowed) {
+                    if !a {
+                        *l = f32::NEG_INFINITY;
+                    }
                 }
             }
             route(row, self.top_k, self.routing, &mut one);
@@ -368,6 +410,55 @@ mod tests {
         .unwrap();
         let c = r.choose(&[1.0, 0.0], 1);
         assert_eq!(c.token(0), &[(0, 1.0)]);
+    }
+
+    #[test]
+    fn a_masked_expert_is_never_chosen_and_the_rest_are_routed_as_without_it() {
+        // x = [1]: logits [3, 2, 1, 0]; expert 0 (the best) masked
+        let mut r = Router::new(
+            vec![3.0, 2.0, 1.0, 0.0],
+            None,
+            Routing::SoftmaxTopK { renormalize: false },
+            2,
+            4,
+            1,
+        )
+        .unwrap();
+        r.restrict(&[false, true, true, true]).unwrap();
+        let c = r.choose(&[1.0], 1);
+        // softmax over [2, 1, 0] alone: e^2, e^1 over e^2 + e + 1
+        let z = 2f32.exp() + 1f32.exp() + 1.0;
+        let got = c.token(0);
+        assert_eq!(got.iter().map(|p| p.0).collect::<Vec<_>>(), vec![1, 2]);
+        assert!((got[0].1 - 2f32.exp() / z).abs() < 1e-6);
+        assert!((got[1].1 - 1f32.exp() / z).abs() < 1e-6);
+        // restrictions add up; fewer than top-k left is refused and changes nothing
+        r.restrict(&[true, true, false, true]).unwrap();
+        assert_eq!(
+            r.choose(&[1.0], 1)
+                .token(0)
+                .iter()
+                .map(|p| p.0)
+                .collect::<Vec<_>>(),
+            vec![1, 3]
+        );
+        assert!(r.restrict(&[true, true, true, false]).is_err());
+        assert!(r.restrict(&[true; 3]).is_err());
+        assert!(r.is_allowed(3) && !r.is_allowed(0) && !r.is_allowed(9));
+        // sigmoid and top-k-then-softmax routings skip it too
+        for routing in [
+            Routing::SigmoidTopK { renormalize: true },
+            Routing::TopKSoftmax,
+        ] {
+            let mut r = Router::new(vec![3.0, 2.0, 1.0, 0.0], None, routing, 2, 4, 1).unwrap();
+            r.restrict(&[false, true, false, true]).unwrap();
+            let c = r.choose(&[1.0], 1);
+            assert_eq!(
+                c.token(0).iter().map(|p| p.0).collect::<Vec<_>>(),
+                vec![1, 3],
+                "{routing}"
+            );
+        }
     }
 
     #[test]

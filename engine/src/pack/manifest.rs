@@ -31,6 +31,10 @@ pub struct PackLayer {
     pub form: String,
     /// Bytes the layer's routed experts take in the expert file.
     pub expert_file_bytes: u64,
+    /// Experts removed by `moe-edge prune` (ascending): not in the expert file, and the router
+    /// never chooses them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pruned: Vec<usize>,
 }
 
 /// Where the pack came from.

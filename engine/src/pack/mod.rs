@@ -7,6 +7,7 @@ pub(crate) mod cache;
 pub(crate) mod file;
 pub(crate) mod format;
 pub(crate) mod manifest;
+pub(crate) mod prune;
 pub(crate) mod validate;
 pub(crate) mod writer;
 
@@ -31,6 +32,7 @@ pub(crate) use manifest::MANIFEST_FILE;
 
 pub use cache::{CacheCounters, CacheStats, EvictionPolicy};
 pub use manifest::{DenseLayer, ExpertFormat, Manifest, PackLayer, SourceInfo};
+pub use prune::{prune_pack, PruneSummary};
 pub use writer::{pack_model, pack_model_with_progress, PackOptions, PackSummary, DEFAULT_ALIGN};
 
 /// Whether `dir` is a packed model directory.
@@ -71,8 +73,10 @@ pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack>
         let mut per = vec![];
         for e in 0..l.spec.experts as u32 {
             let mut b = 0;
-            for kind in [TensorKind::Gate, TensorKind::Up, TensorKind::Down] {
-                b += resident_bytes(file.entry(li as u32, Some(e), kind)?);
+            if l.pruned.binary_search(&(e as usize)).is_err() {
+                for kind in [TensorKind::Gate, TensorKind::Up, TensorKind::Down] {
+                    b += resident_bytes(file.entry(li as u32, Some(e), kind)?);
+                }
             }
             per.push(b);
         }
@@ -124,15 +128,16 @@ pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack>
             cache: cache.clone(),
             layer: li32,
             sizes: sizes[li].clone(),
+            pruned: l.pruned.clone(),
         };
-        layers.push(Arc::new(MoeLayer::new(
-            l.spec.clone(),
-            li,
-            router,
-            None,
-            Arc::new(store),
-            shared,
-        )?));
+        let mut layer = MoeLayer::new(l.spec.clone(), li, router, None, Arc::new(store), shared)?;
+        if !l.pruned.is_empty() {
+            let allowed: Vec<bool> = (0..l.spec.experts)
+                .map(|e| l.pruned.binary_search(&e).is_err())
+                .collect();
+            layer.router.restrict(&allowed)?;
+        }
+        layers.push(Arc::new(layer));
     }
     let mut linear = vec![];
     for di in 0..manifest.dense.len() {
@@ -230,6 +235,8 @@ struct PackLayerStore {
     cache: Arc<ExpertCache>,
     layer: u32,
     sizes: Vec<u64>,
+    /// Experts `prune` removed (ascending).
+    pruned: Vec<usize>,
 }
 
 impl PackLayerStore {
@@ -287,6 +294,18 @@ impl PackLayerStore {
     }
 }
 
+impl PackLayerStore {
+    fn check_not_pruned(&self, index: usize) -> Result<()> {
+        if self.pruned.binary_search(&index).is_ok() {
+            return Err(Error::InvalidInput(format!(
+                "layer {}: expert {index} was pruned from this pack",
+                self.layer
+            )));
+        }
+        Ok(())
+    }
+}
+
 impl ExpertStore for PackLayerStore {
     fn len(&self) -> usize {
         self.sizes.len()
@@ -296,6 +315,7 @@ impl ExpertStore for PackLayerStore {
         let bytes = *self.sizes.get(index).ok_or_else(|| {
             Error::InvalidInput(format!("layer {}: expert {index} out of range", self.layer))
         })?;
+        self.check_not_pruned(index)?;
         self.cache
             .get(self.layer, index as u32, bytes, || self.load(index as u32))
     }
@@ -305,6 +325,7 @@ impl ExpertStore for PackLayerStore {
     }
 
     fn to_dense(&self, index: usize) -> Result<DenseExpert> {
+        self.check_not_pruned(index)?;
         let e = index as u32;
         let read = |k| -> Result<(Vec<f32>, &Entry)> {
             let entry = self.file.entry(self.layer, Some(e), k)?;

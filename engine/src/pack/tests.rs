@@ -792,3 +792,129 @@ fn a_nan_scale_with_a_valid_checksum_is_refused_when_the_expert_loads() {
     assert!(msg.contains("non-finite scale"), "{msg}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// x = 100 * (row `e` of the router): expert `e` scores highest unless another row points the
+/// same way and is longer (checked on the unpruned router).
+fn favouring(model: &Model, block: usize, e: usize) -> Vec<f32> {
+    let r = &model.ops.moe[block].router;
+    let h = r.weights.len() / model.ops.moe[block].spec.experts;
+    r.weights[e * h..(e + 1) * h]
+        .iter()
+        .map(|w| w * 100.0)
+        .collect()
+}
+
+#[test]
+fn a_pruned_pack_never_routes_to_a_pruned_expert_and_equals_the_run_time_mask() {
+    let full_dir = packed_tiny("prune-src");
+    let full = Model::load(&full_dir, LoadOptions::default()).unwrap();
+    let (layer0, experts) = (full.ops.moe[0].spec.layer, full.ops.moe[0].spec.experts);
+    // the expert each crafted input favours is its first choice in the full pack
+    let target = 3;
+    let x = favouring(&full, 0, target);
+    let before = full.ops.moe[0].router.choose(&x, 1);
+    assert_eq!(before.token(0)[0].0, target);
+
+    let mask = crate::ExpertMask::parse(&format!("{layer0}:{target},5")).unwrap();
+    let pruned_dir = scratch("prune-out");
+    let summary = super::prune_pack(&full_dir, &pruned_dir, &mask).unwrap();
+    assert_eq!(summary.experts_before[0], experts);
+    assert_eq!(summary.experts_after[0], experts - 2);
+    assert!(summary.expert_file_bytes_after < summary.expert_file_bytes_before);
+    let pruned = Model::load(&pruned_dir, LoadOptions::default()).unwrap();
+    assert_eq!(pruned.manifest().unwrap().layers[0].pruned, vec![3, 5]);
+    assert_eq!(pruned.expert_allowed(layer0, target), Some(false));
+    assert_eq!(pruned.expert_allowed(layer0, 0), Some(true));
+    let after = pruned.ops.moe[0].router.choose(&x, 1);
+    assert!(after.token(0).iter().all(|&(e, _)| e != 3 && e != 5));
+    // the rest are routed as by the full router with those logits removed (Mixtral: softmax,
+    // top-2, renormalised): recomputed here from the full router's logits
+    let r = &full.ops.moe[0].router;
+    let h = x.len();
+    let mut logits: Vec<(usize, f32)> = (0..experts)
+        .filter(|e| *e != 3 && *e != 5)
+        .map(|e| (e, (0..h).map(|i| r.weights[e * h + i] * x[i]).sum::<f32>()))
+        .collect();
+    logits.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let (a, b) = (logits[0], logits[1]);
+    let wa = 1.0 / (1.0 + (b.1 - a.1).exp());
+    assert_eq!(after.token(0)[0].0, a.0);
+    assert_eq!(after.token(0)[1].0, b.0);
+    assert!((after.token(0)[0].1 - wa).abs() < 1e-5);
+    // a pruned expert cannot be loaded
+    let e = match pruned.ops.moe[0].experts.expert(target) {
+        Err(e) => e.to_string(),
+        Ok(_) => panic!("a pruned expert loaded"),
+    };
+    assert!(e.contains("pruned"), "{e}");
+
+    // the same mask at run time on the full pack gives the pruned pack's logits bit for bit
+    let mut masked = Model::load(&full_dir, LoadOptions::default()).unwrap();
+    masked.restrict_experts(&mask).unwrap();
+    let ids = [5i64, 17, 30, 2, 9, 41, 7, 12];
+    assert_eq!(
+        masked.logits(&ids, 1).unwrap(),
+        pruned.logits(&ids, 1).unwrap()
+    );
+    assert_ne!(
+        full.logits(&ids, 1).unwrap(),
+        pruned.logits(&ids, 1).unwrap()
+    );
+
+    // refused: too few experts left, a layer or expert the pack lacks, a source that is no pack
+    let all_but_one: Vec<String> = (1..experts).map(|e| e.to_string()).collect();
+    let e = super::prune_pack(
+        &full_dir,
+        &scratch("prune-bad"),
+        &crate::ExpertMask::parse(&format!("{layer0}:{}", all_but_one.join(","))).unwrap(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("fewer than the 2"), "{e}");
+    for (spec, want) in [
+        ("99:1", "no MoE layer 99"),
+        (&*format!("{layer0}:{experts}"), "there is no expert"),
+    ] {
+        let e = super::prune_pack(
+            &full_dir,
+            &scratch("prune-bad"),
+            &crate::ExpertMask::parse(spec).unwrap(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains(want), "{spec}: {e}");
+        let e = Model::load(&full_dir, LoadOptions::default())
+            .unwrap()
+            .restrict_experts(&crate::ExpertMask::parse(spec).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(want), "{spec}: {e}");
+    }
+    assert!(
+        !scratch("prune-bad").exists(),
+        "a refused prune writes nothing"
+    );
+    let e = super::prune_pack(
+        &fixtures().join("hf-moe-kv/mixtral"),
+        &scratch("prune-bad"),
+        &mask,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("not a packed model"), "{e}");
+    // a manifest whose pruned list leaves fewer than top-k experts is refused at open
+    let manifest_path = pruned_dir.join("manifest.json");
+    let text = std::fs::read_to_string(&manifest_path).unwrap();
+    assert!(text.contains("\"pruned\": [\n        3,"), "{text}");
+    std::fs::write(
+        &manifest_path,
+        text.replacen("\"pruned\": [\n        3,", "\"pruned\": [\n        9,", 1),
+    )
+    .unwrap();
+    assert!(open_err(&pruned_dir, false)
+        .to_string()
+        .contains("pruned experts"));
+    for d in [full_dir, pruned_dir] {
+        std::fs::remove_dir_all(d).ok();
+    }
+}

@@ -61,6 +61,17 @@ pub(crate) fn check(manifest: &Manifest, file: &PackFile) -> Result<()> {
                 s.hidden, s.ffn, s.experts, s.top_k
             )));
         }
+        let pruned_ok = l.pruned.windows(2).all(|w| matches!(w, [a, b] if a < b))
+            && l.pruned.last().is_none_or(|&e| e < s.experts)
+            && s.experts.saturating_sub(l.pruned.len()) >= s.top_k;
+        if !pruned_ok {
+            return Err(corrupt(format!(
+                "layer {li}: pruned experts {:?} are not ascending distinct experts of {} that leave top-{} choosable",
+                crate::error::clip(&format!("{:?}", l.pruned)),
+                s.experts,
+                s.top_k
+            )));
+        }
         let li = li as u32;
         // (layer, expert, kind, rows, cols, quantisable)
         expected.push((
@@ -71,7 +82,7 @@ pub(crate) fn check(manifest: &Manifest, file: &PackFile) -> Result<()> {
             s.hidden,
             false,
         ));
-        for e in 0..s.experts as u32 {
+        for e in (0..s.experts as u32).filter(|e| l.pruned.binary_search(&(*e as usize)).is_err()) {
             expected.push((li, e, TensorKind::Gate, s.ffn, s.hidden, true));
             expected.push((li, e, TensorKind::Up, s.ffn, s.hidden, true));
             expected.push((li, e, TensorKind::Down, s.hidden, s.ffn, true));

@@ -325,6 +325,7 @@ fn write_pack(
                 })
                 .map(|e| e.length)
                 .sum(),
+            pruned: vec![],
         })
         .collect();
     let manifest = Manifest {
@@ -496,7 +497,7 @@ fn remove_leftovers(parent: &Path, name: &str) {
 /// Where a pack is written: a hidden temporary directory beside the output, renamed into place
 /// when everything is written and synced, so that an interrupted or failed pack leaves no
 /// directory under the output's name that would open (and never touches the source model).
-struct OutputDir {
+pub(super) struct OutputDir {
     out: PathBuf,
     partial: PathBuf,
 }
@@ -504,7 +505,7 @@ struct OutputDir {
 impl OutputDir {
     /// Checks that `out` may receive a pack of `files`: not the model's own directory, and either
     /// new, empty or an earlier pack (which is replaced as a whole).
-    fn prepare(out: &Path, files: &ModelFiles) -> Result<OutputDir> {
+    pub(super) fn prepare(out: &Path, files: &ModelFiles) -> Result<OutputDir> {
         let refuse =
             |why: String| Error::InvalidInput(format!("cannot pack into {}: {why}", out.display()));
         if out.exists() {
@@ -550,12 +551,12 @@ impl OutputDir {
         })
     }
 
-    fn partial(&self) -> &Path {
+    pub(super) fn partial(&self) -> &Path {
         &self.partial
     }
 
     /// Syncs the written files and renames the directory into place (replacing an earlier pack).
-    fn commit(self) -> Result<()> {
+    pub(super) fn commit(self) -> Result<()> {
         for entry in std::fs::read_dir(&self.partial).map_err(Error::io(&self.partial))? {
             let path = entry.map_err(Error::io(&self.partial))?.path();
             File::open(&path)
@@ -589,7 +590,7 @@ impl OutputDir {
         crate::durable::sync_dir(parent).map_err(Error::io(parent))
     }
 
-    fn discard(self) {
+    pub(super) fn discard(self) {
         let _ = std::fs::remove_dir_all(&self.partial);
     }
 }
