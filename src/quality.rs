@@ -17,6 +17,21 @@ use anyhow::{bail, ensure, Context};
 use moe_edge_engine::PartialFile;
 use serde::{Deserialize, Serialize};
 
+/// The token that replaces the first of every window: BOS when the tokenizer starts every text
+/// with it (as llama-perplexity does), else none.
+pub fn window_bos(
+    model: &moe_edge_engine::Model,
+    tokenizer: &moe_edge_engine::Tokenizer,
+) -> Option<i64> {
+    model.config().bos_token_id.filter(|&b| {
+        tokenizer
+            .encode("a")
+            .ok()
+            .and_then(|ids| ids.first().copied())
+            == Some(b)
+    })
+}
+
 /// One window of a perplexity run over a token sequence.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {

@@ -9,6 +9,9 @@ pub mod logits;
 pub mod npy;
 pub mod pack;
 pub mod perplexity;
+pub mod plots;
+pub mod profile;
+pub mod prune;
 pub mod serve;
 pub mod trace;
 
@@ -52,6 +55,11 @@ pub enum Command {
     /// Perplexity over text files (as llama-perplexity), and KL divergence / top-1 agreement
     /// against a base model's saved logits.
     Perplexity(perplexity::PerplexityArgs),
+    /// How the routers use their experts over text files (per layer, expert and label), as a
+    /// JSON profile and SVG plots.
+    Profile(profile::ProfileArgs),
+    /// Write a smaller pack without the least used experts of a profile (or named experts).
+    Prune(prune::PruneArgs),
 }
 
 /// How to open a model; shared by every subcommand.
@@ -84,6 +92,15 @@ pub struct ModelArgs {
     /// weights' sum, in the router's order, and rescale their weights likewise.
     #[arg(long, value_name = "P")]
     pub top_p_experts: Option<f32>,
+    /// Never route to these experts: LAYER:EXPERT,EXPERT,... separated by ';' (e.g.
+    /// "0:3,5;2:1"); each token's top-k is chosen among the others.
+    #[arg(long, value_name = "SPEC")]
+    pub expert_mask: Option<String>,
+    /// How tokens are routed: `learnt` (the model's router, per token) or
+    /// `static:PROFILE.json[:LABEL]`: every layer runs only the top-k experts the profile shows
+    /// most used (under LABEL, or over all its text), weighted by the router over them alone.
+    #[arg(long, value_name = "ROUTE", default_value = "learnt")]
+    pub route: String,
 }
 
 impl ModelArgs {
@@ -99,8 +116,61 @@ impl ModelArgs {
                 top_p: self.top_p_experts,
             },
         };
-        Ok(moe_edge_engine::Model::load(&self.model, opts)?)
+        let mut model = moe_edge_engine::Model::load(&self.model, opts)?;
+        let mut mask = moe_edge_engine::ExpertMask::default();
+        if let Some(spec) = &self.expert_mask {
+            mask.merge(&moe_edge_engine::ExpertMask::parse(spec)?);
+        }
+        if let Some(routing) = static_route(&self.route)? {
+            let specs: Vec<_> = model.blocks().iter().map(|b| b.spec.clone()).collect();
+            let profile = moe_edge_engine::RoutingProfile::read(&routing.profile)?;
+            profile.check_fits(&specs)?;
+            let top_k: Vec<usize> = specs.iter().map(|s| s.top_k).collect();
+            mask.merge(&moe_edge_engine::ExpertMask::keeping(
+                profile.usage(routing.label.as_deref())?,
+                &top_k,
+                moe_edge_engine::Keep::TopK,
+            )?);
+        }
+        if !mask.is_empty() {
+            model.restrict_experts(&mask)?;
+        }
+        Ok(model)
     }
+}
+
+/// `--route static:PROFILE.json[:LABEL]`.
+struct StaticRoute {
+    profile: PathBuf,
+    label: Option<String>,
+}
+
+/// Parses `--route`: `None` for the learnt routing.
+fn static_route(route: &str) -> anyhow::Result<Option<StaticRoute>> {
+    if route == "learnt" || route == "dynamic" {
+        return Ok(None);
+    }
+    let Some(rest) = route.strip_prefix("static:") else {
+        anyhow::bail!("--route {route:?}: expected `learnt` or `static:PROFILE.json[:LABEL]`");
+    };
+    // a label follows the last ':' unless the whole rest names a file
+    let parsed = match rest.rsplit_once(':') {
+        Some((file, label)) if !std::path::Path::new(rest).is_file() && !label.is_empty() => {
+            StaticRoute {
+                profile: file.into(),
+                label: Some(label.to_string()),
+            }
+        }
+        _ => StaticRoute {
+            profile: rest.into(),
+            label: None,
+        },
+    };
+    anyhow::ensure!(
+        !parsed.profile.as_os_str().is_empty(),
+        "--route static: needs a profile file"
+    );
+    Ok(Some(parsed))
 }
 
 /// Which expert the cache evicts on a miss.
@@ -130,6 +200,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(a) => serve::run(a),
         Command::Logits(a) => logits::run(a),
         Command::Perplexity(a) => perplexity::run(a),
+        Command::Profile(a) => profile::run(a),
+        Command::Prune(a) => prune::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Pack(a) => pack::run(a),
         Command::Info => info::run(),

@@ -117,14 +117,7 @@ pub fn run(args: PerplexityArgs) -> anyhow::Result<()> {
         args.max_windows != Some(0),
         "--max-windows must be at least 1"
     );
-    // llama-perplexity puts BOS first in every window when the tokenizer starts texts with it
-    let bos = model.config().bos_token_id.filter(|&b| {
-        tokenizer
-            .encode("a")
-            .ok()
-            .and_then(|ids| ids.first().copied())
-            == Some(b)
-    });
+    let bos = quality::window_bos(&model, tokenizer);
 
     let mut texts = vec![];
     for path in &args.file {
