@@ -178,7 +178,10 @@ fn write_pruned(
         serde_json::to_string_pretty(&new_manifest).expect("manifest serialises"),
     )
     .map_err(Error::io(&manifest_path))?;
-    for name in std::iter::once("model.onnx").chain(crate::files::COMPANION_FILES) {
+    for name in ["model.onnx", "model.onnx.data"]
+        .into_iter()
+        .chain(crate::files::COMPANION_FILES)
+    {
         let p = files.dir.join(name);
         if p.is_file() {
             let bytes = std::fs::read(&p).map_err(Error::io(&p))?;
