@@ -496,3 +496,68 @@ fn sigterm_cuts_running_generations_refuses_queued_ones_and_exits_0() {
     assert!(code.success(), "the server exits 0 on SIGTERM: {code}");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `--trace-dir`: one trace per request, named by the response id; the second of two equal
+/// requests routes only what its kept KV cache did not hold, with the first one's routing.
+#[test]
+fn trace_dir_writes_each_requests_routing() {
+    let dir = chat_model("trace");
+    let traces = scratch_dir("serve", "traces");
+    let server = Server::start(&dir, &["--trace-dir", traces.to_str().unwrap()]);
+    let request =
+        json!({"model": "tiny", "prompt": "Was macht tar?", "max_tokens": 6, "temperature": 0});
+    let read = |id: &str| -> Vec<Value> {
+        std::fs::read_to_string(traces.join(format!("{id}.jsonl")))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    };
+    let (status, first) = server.post("/v1/completions", &request);
+    assert_eq!(status, 200, "{first}");
+    let (status, second) = server.post("/v1/completions", &request);
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(first["choices"][0]["text"], second["choices"][0]["text"]);
+    let prompt = first["usage"]["prompt_tokens"].as_u64().unwrap();
+    let generated = first["usage"]["completion_tokens"].as_u64().unwrap();
+    let a = read(first["id"].as_str().unwrap());
+    let b = read(second["id"].as_str().unwrap());
+    // every fed position (the last generated token is never fed) at each of the 2 layers
+    let positions = |t: &[Value]| -> Vec<u64> {
+        let mut p: Vec<u64> = t
+            .iter()
+            .filter(|l| l["layer"] == 0)
+            .map(|l| l["position"].as_u64().unwrap())
+            .collect();
+        p.dedup();
+        p
+    };
+    assert_eq!(a.len() as u64, 2 * (prompt + generated - 1));
+    assert_eq!(
+        positions(&a),
+        (0..prompt + generated - 1).collect::<Vec<_>>()
+    );
+    // the second request reuses all but the prompt's last token
+    assert_eq!(
+        positions(&b),
+        (prompt - 1..prompt + generated - 1).collect::<Vec<_>>()
+    );
+    for line in &b {
+        let same = a
+            .iter()
+            .find(|l| l["position"] == line["position"] && l["layer"] == line["layer"])
+            .unwrap();
+        assert_eq!(same["experts"], line["experts"]);
+    }
+    assert_eq!(
+        std::fs::read_dir(&traces).unwrap().count(),
+        2,
+        "no temporary file left"
+    );
+    drop(server);
+    // off by default
+    let quiet = Server::start(&dir, &[]);
+    assert_eq!(quiet.post("/v1/completions", &request).0, 200);
+    assert_eq!(std::fs::read_dir(&traces).unwrap().count(), 2);
+    std::fs::remove_dir_all(&traces).ok();
+}

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use anyhow::Context;
 use clap::Args;
 
 use super::ModelArgs;
@@ -32,6 +33,10 @@ pub struct ServeArgs {
     /// The largest request body, in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     pub max_body_bytes: usize,
+    /// Write the routing of each request to DIR/<response id>.jsonl, in the `--trace` format
+    /// (off by default). The prompt prefix reused from a kept KV cache is not routed again.
+    #[arg(long, value_name = "DIR")]
+    pub trace_dir: Option<std::path::PathBuf>,
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -51,6 +56,10 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "moe-edge".into())
     });
+    if let Some(dir) = &args.trace_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the trace directory {}", dir.display()))?;
+    }
     let model = args.model.load()?;
     serve(
         model,
@@ -62,6 +71,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             queue: args.queue,
             max_tokens: args.max_tokens_limit,
             max_body_bytes: args.max_body_bytes,
+            trace_dir: args.trace_dir,
         },
     )
 }

@@ -37,6 +37,8 @@ pub struct ServeOptions {
     pub queue: usize,
     pub max_tokens: usize,
     pub max_body_bytes: usize,
+    /// Write each request's routing to `DIR/<response id>.jsonl` (off when `None`).
+    pub trace_dir: Option<std::path::PathBuf>,
 }
 
 struct AppState {
@@ -257,10 +259,16 @@ async fn respond(
         .metrics
         .requests
         .fetch_add(1, Ordering::Relaxed);
+    let id = format!("moe-edge-{}", now_id());
     if !state.workers.submit(Job {
         prompt,
         params,
         events: tx,
+        trace: state
+            .opts
+            .trace_dir
+            .as_ref()
+            .map(|dir| dir.join(format!("{id}.jsonl"))),
     }) {
         return error(ApiError {
             status: 429,
@@ -269,7 +277,6 @@ async fn respond(
             code: "queue_full",
         });
     }
-    let id = format!("moe-edge-{}", now_id());
     let created = now();
     let model = state.opts.model_name.clone();
     if !checked.stream {

@@ -56,6 +56,8 @@ pub struct Job {
     pub prompt: Vec<i64>,
     pub params: GenerateParams,
     pub events: mpsc::Sender<Event>,
+    /// Where to write the request's routing trace (`serve --trace-dir`).
+    pub trace: Option<std::path::PathBuf>,
 }
 
 /// Counters for `/metrics`.
@@ -183,6 +185,16 @@ fn run(
         .count();
     let keep = common.min(job.prompt.len() - 1);
     s.truncate(keep)?;
+    let trace = match &job.trace {
+        Some(path) => Some(
+            crate::cli::trace::TraceFile::create(path)
+                .map_err(|e| moe_edge_engine::Error::InvalidInput(format!("{e:#}")))?,
+        ),
+        None => None,
+    };
+    if let Some(t) = &trace {
+        s.set_observer(Some(t.clone()));
+    }
     let mut generator = Generator::with_session(model, s, job.params)?;
     let events = job.events;
     let result = generator.generate(&job.prompt[keep..], |step| {
@@ -194,8 +206,16 @@ fn run(
             Err(_) => Flow::Stop, // the client went away
         }
     });
+    let mut s = generator.into_session();
+    s.set_observer(None);
     let mut g = result?;
-    *session = Some(generator.into_session());
+    *session = Some(s);
+    if let Some(t) = trace {
+        // the reply stands without its trace: a failed write is logged, not the request's error
+        if let Err(e) = t.finish() {
+            log::warn!("{e:#}");
+        }
+    }
     // report the whole prompt, not only what was fed
     g.prompt_ids = job.prompt;
     Ok((g, keep))
