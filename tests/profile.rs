@@ -306,7 +306,11 @@ fn prune_and_static_routing_only_run_the_profiles_experts() {
         &["--expert-mask", &mask.join(";")],
         &dir.join("masked.jsonl"),
     );
-    assert_eq!(pruned_run["tokens"], masked_run["tokens"]);
+    assert_eq!(
+        pruned_run["generated_ids"].as_array().map(Vec::len),
+        Some(12)
+    );
+    assert_eq!(pruned_run["generated_ids"], masked_run["generated_ids"]);
 
     // static routing: every token of a layer runs that layer's two most used experts
     let trace = dir.join("static.jsonl");
@@ -316,6 +320,15 @@ fn prune_and_static_routing_only_run_the_profiles_experts() {
         let top: BTreeSet<u64> = order[l][..2].iter().copied().collect();
         assert_eq!(used, &top, "layer {l}");
     }
+    // keeping the hot experts in the cache changes where experts live, not the result
+    let plain = generate_traced(&pack, &[], &dir.join("plain.jsonl"));
+    let pinned = generate_traced(
+        &pack,
+        &["--pin-hot", profile.to_str().unwrap(), "--pin-share", "0.3"],
+        &dir.join("pinned.jsonl"),
+    );
+    assert_eq!(plain["generated_ids"].as_array().map(Vec::len), Some(12));
+    assert_eq!(plain["generated_ids"], pinned["generated_ids"]);
     let by_label = format!("static:{}:kit", profile.display());
     generate_traced(&pack, &["--route", &by_label], &dir.join("label.jsonl"));
     std::fs::remove_dir_all(&dir).ok();
@@ -479,6 +492,32 @@ fn profiles_and_settings_that_do_not_fit_are_refused() {
                 &format!("static:{}", text.display()),
             ],
             "not a routing profile",
+        ),
+        (
+            vec![
+                "generate",
+                "-m",
+                tiny_s,
+                "--prompt-ids",
+                "1",
+                "--pin-hot",
+                p,
+            ],
+            "only a packed model",
+        ),
+        (
+            vec![
+                "generate",
+                "-m",
+                pack_s,
+                "--prompt-ids",
+                "1",
+                "--pin-hot",
+                p,
+                "--pin-share",
+                "1.5",
+            ],
+            "outside (0, 1)",
         ),
         (
             vec![

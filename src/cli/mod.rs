@@ -101,6 +101,14 @@ pub struct ModelArgs {
     /// most used (under LABEL, or over all its text), weighted by the router over them alone.
     #[arg(long, value_name = "ROUTE", default_value = "learnt")]
     pub route: String,
+    /// Packed models: keep the experts a routing profile shows most used (over all layers, under
+    /// LABEL or over all its text) in the expert cache once loaded, as many as fit in
+    /// --pin-share of the cache budget; the other experts share the rest.
+    #[arg(long, value_name = "PROFILE.json[:LABEL]")]
+    pub pin_hot: Option<String>,
+    /// The share of the expert cache budget --pin-hot may fill, in (0, 1).
+    #[arg(long, value_name = "S", default_value_t = 0.5, requires = "pin_hot")]
+    pub pin_share: f64,
 }
 
 impl ModelArgs {
@@ -122,10 +130,8 @@ impl ModelArgs {
             mask.merge(&moe_edge_engine::ExpertMask::parse(spec)?);
         }
         if let Some(routing) = static_route(&self.route)? {
-            let specs: Vec<_> = model.blocks().iter().map(|b| b.spec.clone()).collect();
-            let profile = moe_edge_engine::RoutingProfile::read(&routing.profile)?;
-            profile.check_fits(&specs)?;
-            let top_k: Vec<usize> = specs.iter().map(|s| s.top_k).collect();
+            let profile = routing.read(&model)?;
+            let top_k: Vec<usize> = model.blocks().iter().map(|b| b.spec.top_k).collect();
             mask.merge(&moe_edge_engine::ExpertMask::keeping(
                 profile.usage(routing.label.as_deref())?,
                 &top_k,
@@ -135,42 +141,69 @@ impl ModelArgs {
         if !mask.is_empty() {
             model.restrict_experts(&mask)?;
         }
+        if let Some(spec) = &self.pin_hot {
+            let hot = ProfileRef::parse(spec, "--pin-hot")?;
+            let profile = hot.read(&model)?;
+            let (experts, bytes) =
+                model.keep_hot_experts(profile.usage(hot.label.as_deref())?, self.pin_share)?;
+            log::info!(
+                "expert cache: the {experts} most used experts ({:.1} MiB) stay once loaded",
+                bytes as f64 / 1048576.0
+            );
+        }
         Ok(model)
     }
 }
 
-/// `--route static:PROFILE.json[:LABEL]`.
-struct StaticRoute {
+/// A routing profile named on the command line as `PROFILE.json[:LABEL]`.
+struct ProfileRef {
     profile: PathBuf,
     label: Option<String>,
 }
 
+impl ProfileRef {
+    /// A label follows the last ':' unless the whole text names a file.
+    fn parse(text: &str, option: &str) -> anyhow::Result<Self> {
+        let parsed = match text.rsplit_once(':') {
+            Some((file, label)) if !std::path::Path::new(text).is_file() && !label.is_empty() => {
+                ProfileRef {
+                    profile: file.into(),
+                    label: Some(label.to_string()),
+                }
+            }
+            _ => ProfileRef {
+                profile: text.into(),
+                label: None,
+            },
+        };
+        anyhow::ensure!(
+            !parsed.profile.as_os_str().is_empty(),
+            "{option} needs a profile file"
+        );
+        Ok(parsed)
+    }
+
+    /// Reads the profile and checks that it was recorded on a model shaped like `model`.
+    fn read(
+        &self,
+        model: &moe_edge_engine::Model,
+    ) -> anyhow::Result<moe_edge_engine::RoutingProfile> {
+        let specs: Vec<_> = model.blocks().iter().map(|b| b.spec.clone()).collect();
+        let profile = moe_edge_engine::RoutingProfile::read(&self.profile)?;
+        profile.check_fits(&specs)?;
+        Ok(profile)
+    }
+}
+
 /// Parses `--route`: `None` for the learnt routing.
-fn static_route(route: &str) -> anyhow::Result<Option<StaticRoute>> {
+fn static_route(route: &str) -> anyhow::Result<Option<ProfileRef>> {
     if route == "learnt" || route == "dynamic" {
         return Ok(None);
     }
     let Some(rest) = route.strip_prefix("static:") else {
         anyhow::bail!("--route {route:?}: expected `learnt` or `static:PROFILE.json[:LABEL]`");
     };
-    // a label follows the last ':' unless the whole rest names a file
-    let parsed = match rest.rsplit_once(':') {
-        Some((file, label)) if !std::path::Path::new(rest).is_file() && !label.is_empty() => {
-            StaticRoute {
-                profile: file.into(),
-                label: Some(label.to_string()),
-            }
-        }
-        _ => StaticRoute {
-            profile: rest.into(),
-            label: None,
-        },
-    };
-    anyhow::ensure!(
-        !parsed.profile.as_os_str().is_empty(),
-        "--route static: needs a profile file"
-    );
-    Ok(Some(parsed))
+    ProfileRef::parse(rest, "--route static:").map(Some)
 }
 
 /// Which expert the cache evicts on a miss.

@@ -82,7 +82,7 @@ pub struct Model {
     config: ModelConfig,
     tokenizer: Option<Tokenizer>,
     chat_template: Option<ChatTemplate>,
-    cache: Option<Arc<ExpertCache>>,
+    pub(crate) cache: Option<Arc<ExpertCache>>,
     manifest: Option<Manifest>,
     removed_initializers: usize,
     blocks: Vec<BlockInfo>,
@@ -321,6 +321,67 @@ impl Model {
             layer.router = router;
         }
         Ok(())
+    }
+
+    /// Keeps the most used experts of `usage` (a routing profile of this model, over all MoE
+    /// layers, most used first) in a packed model's expert cache once loaded, as many as fit in
+    /// `share` of the cache budget; the rest of the budget serves the others. Returns how many
+    /// experts and bytes are kept. Refused for models without an expert cache, for a share
+    /// outside (0, 1), and when the rest could not hold one more expert.
+    pub fn keep_hot_experts(&self, usage: &crate::moe::Usage, share: f64) -> Result<(usize, u64)> {
+        let cache = self.cache.as_ref().ok_or_else(|| {
+            Error::InvalidInput(
+                "only a packed model has an expert cache to keep experts in (see `moe-edge pack`)"
+                    .into(),
+            )
+        })?;
+        if !(share > 0.0 && share < 1.0) {
+            return Err(Error::InvalidInput(format!(
+                "a kept share of the cache of {share} is outside (0, 1)"
+            )));
+        }
+        if usage.layers.len() != self.ops.moe.len() {
+            return Err(Error::InvalidInput(format!(
+                "the profile has {} MoE layers, this model {}",
+                usage.layers.len(),
+                self.ops.moe.len()
+            )));
+        }
+        // (tokens that chose it, block, expert, bytes), most used first
+        let mut ranked = vec![];
+        for (b, (layer, used)) in self.ops.moe.iter().zip(&usage.layers).enumerate() {
+            for (e, &chosen) in used.chosen.iter().enumerate() {
+                if let Some(bytes) = layer.experts.loaded_bytes(e).filter(|_| chosen > 0) {
+                    ranked.push((chosen, b, e, bytes));
+                }
+            }
+        }
+        ranked.sort_by(|x, y| y.0.cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+        let allowance = (cache.budget() as f64 * share) as u64;
+        let (mut keys, mut kept) = (vec![], 0u64);
+        for &(_, b, e, bytes) in &ranked {
+            if kept + bytes <= allowance {
+                kept += bytes;
+                keys.push((b as u32, e as u32));
+            }
+        }
+        let largest_other = self
+            .ops
+            .moe
+            .iter()
+            .enumerate()
+            .flat_map(|(b, l)| {
+                let keys = &keys;
+                (0..l.spec.experts).filter_map(move |e| {
+                    (!keys.contains(&(b as u32, e as u32)))
+                        .then(|| l.experts.loaded_bytes(e))
+                        .flatten()
+                })
+            })
+            .max()
+            .unwrap_or(0);
+        cache.keep_resident(&keys, kept, largest_other)?;
+        Ok((keys.len(), kept))
     }
 
     /// Whether the routers of model layer `layer` may choose `expert` (`None`: no such layer).

@@ -32,6 +32,12 @@ pub trait ExpertStore: Send + Sync + Debug {
         None
     }
 
+    /// Bytes expert `index` holds once loaded, for stores that load experts on demand.
+    fn loaded_bytes(&self, index: usize) -> Option<u64> {
+        let _ = index;
+        None
+    }
+
     /// The expert `index` as f32 matrices (dequantised if stored quantised), for repacking.
     fn to_dense(&self, index: usize) -> Result<DenseExpert>;
 }

@@ -2,9 +2,10 @@
 //! exceed the budget: a miss first evicts experts that no computation is using, chosen by the
 //! [`EvictionPolicy`] (by default from the layer whose next turn is furthest away, least recently
 //! used first within it; or plain least-recently-used), and if the rest are all in use it waits
-//! until one is released. Counters per layer and in total make hit rates and I/O watchable.
+//! until one is released. Experts marked to stay (the hottest of a routing profile) are never
+//! evicted once loaded. Counters per layer and in total make hit rates and I/O watchable.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Condvar, Mutex};
 
 use serde::Serialize;
@@ -72,6 +73,8 @@ struct State {
     resident: u64,
     peak: u64,
     layers: Vec<CacheCounters>,
+    /// Experts never evicted once loaded ([`ExpertCache::keep_resident`]).
+    kept: HashSet<Key>,
 }
 
 /// Which unused expert a miss evicts.
@@ -140,6 +143,7 @@ impl ExpertCache {
                 resident: 0,
                 peak: 0,
                 layers: vec![CacheCounters::default(); layers],
+                kept: HashSet::new(),
             }),
             changed: Condvar::new(),
         })
@@ -195,7 +199,7 @@ impl ExpertCache {
                     .filter_map(|(k, s)| match s {
                         Slot::Ready {
                             expert, last_used, ..
-                        } if Arc::strong_count(expert) == 1 => {
+                        } if Arc::strong_count(expert) == 1 && !st.kept.contains(k) => {
                             // layers until this expert's layer runs next; the running layer counts
                             // as nearest, since its other selected experts follow right away
                             let until_next_turn = match self.policy {
@@ -250,6 +254,41 @@ impl ExpertCache {
             self.changed.notify_all();
             return result;
         }
+    }
+
+    /// The budget in bytes.
+    pub fn budget(&self) -> u64 {
+        self.budget
+    }
+
+    /// Marks `(layer, expert)` keys to stay in memory once loaded: misses never evict them.
+    /// `kept_bytes` is what they hold together and `largest_other` the largest expert outside
+    /// them; the rest of the budget must still fit that one, or every other expert would wait
+    /// forever (refused). Replaces an earlier set.
+    pub fn keep_resident(
+        &self,
+        keys: &[(u32, u32)],
+        kept_bytes: u64,
+        largest_other: u64,
+    ) -> Result<()> {
+        if kept_bytes.saturating_add(largest_other) > self.budget {
+            return Err(crate::Error::InvalidInput(format!(
+                "keeping {kept_bytes} bytes of experts resident leaves less than one more expert ({largest_other} bytes) of the {}-byte cache budget",
+                self.budget
+            )));
+        }
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.kept = keys.iter().copied().collect();
+        Ok(())
+    }
+
+    /// The keys [`ExpertCache::keep_resident`] set, sorted.
+    #[cfg(test)]
+    pub fn kept_keys(&self) -> Vec<(u32, u32)> {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut keys: Vec<_> = st.kept.iter().copied().collect();
+        keys.sort_unstable();
+        keys
     }
 
     fn pin(self: &Arc<Self>, expert: Arc<dyn ExpertFfn>) -> Arc<dyn ExpertFfn> {
@@ -353,6 +392,29 @@ mod tests {
         let s = cache.stats();
         assert_eq!((s.misses, s.evictions), (2, 1));
         assert!(s.peak_resident_bytes <= 10);
+    }
+
+    /// Room for 3 experts, expert 0 kept: a scan over 0..4 (4 experts) evicts among 1..3 only.
+    #[test]
+    fn kept_experts_are_never_evicted() {
+        let cache = ExpertCache::with_policy(30, 1, EvictionPolicy::Lru);
+        cache.keep_resident(&[(0, 0)], 10, 10).unwrap();
+        let loads = AtomicUsize::new(0);
+        for _ in 0..5 {
+            for e in 0..4 {
+                drop(cache.get(0, e, 10, || loader(&loads)).unwrap());
+            }
+        }
+        // expert 0: one miss then 4 hits; 1..3 cycle through 2 free slots (LRU: always missing)
+        let s = cache.stats();
+        assert_eq!(s.misses, 1 + 15);
+        assert_eq!(s.hits, 4);
+        assert!(cache.is_resident(0, 0));
+        assert!(s.peak_resident_bytes <= 30);
+        // no room left for one more expert: refused, the earlier set stays
+        assert!(cache.keep_resident(&[(0, 1), (0, 2)], 30, 10).is_err());
+        drop(cache.get(0, 1, 10, || loader(&loads)).unwrap());
+        assert!(cache.is_resident(0, 0));
     }
 
     #[test]

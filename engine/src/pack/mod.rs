@@ -324,6 +324,10 @@ impl ExpertStore for PackLayerStore {
         Some(self.cache.is_resident(self.layer, index as u32))
     }
 
+    fn loaded_bytes(&self, index: usize) -> Option<u64> {
+        self.sizes.get(index).copied()
+    }
+
     fn to_dense(&self, index: usize) -> Result<DenseExpert> {
         self.check_not_pruned(index)?;
         let e = index as u32;

@@ -918,3 +918,63 @@ fn a_pruned_pack_never_routes_to_a_pruned_expert_and_equals_the_run_time_mask() 
         std::fs::remove_dir_all(d).ok();
     }
 }
+
+#[test]
+fn hot_experts_from_a_profile_stay_in_the_cache() {
+    let dir = packed_tiny("keep-hot");
+    let model = Model::load(&dir, LoadOptions::default()).unwrap();
+    let experts = model.ops.moe[0].spec.experts;
+    let each = model.ops.moe[0].experts.loaded_bytes(0).unwrap();
+    // a profile where expert e of layer b was chosen by 100 * (b + 1) + e tokens: the most used
+    // are layer 1's, highest index first
+    let layer = |b: usize| crate::moe::LayerUsage {
+        layer: model.ops.moe[b].spec.layer,
+        tokens: 0,
+        chosen: (0..experts as u64)
+            .map(|e| 100 * (b as u64 + 1) + e)
+            .collect(),
+        weight_sum: vec![0.0; experts],
+        token_share: vec![0.0; experts],
+        slot_share: vec![0.0; experts],
+        mean_weight: vec![0.0; experts],
+        entropy_bits: 0.0,
+        max_entropy_bits: 0.0,
+        coactivation: vec![vec![0; experts]; experts],
+        reuse: Default::default(),
+        predicted: None,
+    };
+    let usage = crate::moe::Usage {
+        tokens: 0,
+        layers: (0..model.ops.moe.len()).map(layer).collect(),
+    };
+    // the budget holds every expert (2 layers x 8): a quarter of it keeps 4
+    let (n, bytes) = model.keep_hot_experts(&usage, 0.25).unwrap();
+    assert_eq!((n, bytes), (4, 4 * each));
+    // which: layer 1's four most chosen
+    let kept = model.cache.as_ref().unwrap().kept_keys();
+    assert_eq!(kept, vec![(1, 4), (1, 5), (1, 6), (1, 7)]);
+    // refused: a share outside (0, 1), a profile of another shape, a model without a cache
+    for share in [0.0, 1.0, f64::NAN] {
+        assert!(model.keep_hot_experts(&usage, share).is_err(), "{share}");
+    }
+    let one_layer = crate::moe::Usage {
+        tokens: 0,
+        layers: vec![layer(0)],
+    };
+    assert!(model
+        .keep_hot_experts(&one_layer, 0.5)
+        .unwrap_err()
+        .to_string()
+        .contains("1 MoE layers"));
+    let unpacked = Model::load(
+        &fixtures().join("hf-moe-kv/mixtral/model.onnx"),
+        LoadOptions::default(),
+    )
+    .unwrap();
+    let e = unpacked
+        .keep_hot_experts(&usage, 0.5)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("only a packed model"), "{e}");
+    std::fs::remove_dir_all(&dir).ok();
+}
