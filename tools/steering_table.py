@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What each way of steering the experts costs and saves on the trained model, per language:
 pruning by a routing profile (global or the language's own, 75% and 50% of the experts kept),
-static routing (a fixed top-k per layer from a profile), and adaptive top-k, against the full
+static routing (a fixed top-k per layer from a profile), adaptive top-k, and the full pack with a
+profile's hottest experts pinned in the cache, against the full
 pack. For every (method, language): expert slots run per token and layer, expert bytes the method
 needs (pack size, or resident for static routing), perplexity, KL divergence and top-1 agreement
 against the full pack's logits on the language's held-out text, and decode speed with an expert
@@ -56,19 +57,83 @@ def sample_training_text(train_jsonl, langs, out_dir, per_lang_bytes):
     return paths
 
 
+def report(rows, langs, budget_mb, full_bytes, args):
+    """Prints the tables; writes the JSON and the quality-vs-bytes plot when asked."""
+    # 5. tables
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    print(f"moe-edge-mini, {args.threads} threads, cache budget {budget_mb} MiB (25% of {full_bytes / 2**20:.1f} MiB of experts); "
+          f"means over {len(langs)} languages\n")
+    print("| method | experts run per token and layer | expert bytes needed | perplexity (full: same text) | mean KL vs full | "
+          "top-1 agreement | expert reads per token (cache 25%) | decode tok/s (cache 25%) |")
+    print("|---|---|---|---|---|---|---|---|")
+    summary = []
+    for n in names:
+        rs = [r for r in rows if r["method"] == n]
+        m = {k: statistics.mean(r[k] for r in rs) for k in
+             ("slots_per_token_layer", "expert_bytes", "perplexity", "base_perplexity", "kl_mean", "top1",
+              "expert_reads_per_token", "decode_tok_s")}
+        m["method"] = n
+        summary.append(m)
+        print(f"| {n} | {m['slots_per_token_layer']:.2f} | {m['expert_bytes'] / 2**20:.1f} MiB | {m['perplexity']:.2f} "
+              f"({m['base_perplexity']:.2f}) | {m['kl_mean']:.4f} | {100 * m['top1']:.1f}% | {m['expert_reads_per_token']:.2f} | "
+              f"{m['decode_tok_s']:.0f} |")
+    print("\nPerplexity per language (the full pack's first):\n")
+    print("| method | " + " | ".join(langs) + " |")
+    print("|---|" + "---|" * len(langs))
+    for n in names:
+        by = {r["lang"]: r for r in rows if r["method"] == n}
+        print(f"| {n} | " + " | ".join(f"{by[l]['perplexity']:.1f}" for l in langs) + " |")
+    print("\nMean KL vs full per language:\n")
+    print("| method | " + " | ".join(langs) + " |")
+    print("|---|" + "---|" * len(langs))
+    for n in names[1:]:
+        by = {r["lang"]: r for r in rows if r["method"] == n}
+        print(f"| {n} | " + " | ".join(f"{by[l]['kl_mean']:.3f}" for l in langs) + " |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(budget_mb=budget_mb, full_expert_bytes=full_bytes, threads=args.threads, languages=langs,
+                           summary=summary, rows=rows), f, indent=1)
+    if args.plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(8, 5))
+        lossy = [m for m in summary if m["kl_mean"] > 0]  # the full pack and pinning change nothing
+        for m in lossy:
+            ax.scatter(m["expert_bytes"] / 2**20, m["kl_mean"], s=40)
+            ax.annotate(m["method"], (m["expert_bytes"] / 2**20, m["kl_mean"]), fontsize=7,
+                        xytext=(4, 2), textcoords="offset points")
+        ax.set_xlim(0, max(m["expert_bytes"] for m in summary) / 2**20 * 1.45)
+        ax.set_yscale("log")
+        ax.set_xlabel("expert bytes the method needs (MiB)")
+        ax.set_ylabel("mean KL divergence vs the full pack (log)")
+        ax.set_title("moe-edge-mini: quality vs expert bytes, mean over 10 languages")
+        ax.grid(True, which="both", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(args.plot)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="the full pack")
-    ap.add_argument("--moe-edge", required=True)
-    ap.add_argument("--train", required=True, help="train.jsonl of tools/train_moe.py's corpus")
-    ap.add_argument("--heldout", required=True, help="directory of held-out LANG.txt files")
-    ap.add_argument("--work", required=True)
+    ap.add_argument("--model", help="the full pack")
+    ap.add_argument("--moe-edge")
+    ap.add_argument("--train", help="train.jsonl of tools/train_moe.py's corpus")
+    ap.add_argument("--heldout", help="directory of held-out LANG.txt files")
+    ap.add_argument("--work")
     ap.add_argument("--sample-kb", type=int, default=48, help="training text profiled per language")
     ap.add_argument("--rounds", type=int, default=3, help="decode speed: interleaved rounds (median)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json")
     ap.add_argument("--plot")
+    ap.add_argument("--from-json", help="print the tables (and --plot) from an earlier run's --json, measuring nothing")
     args = ap.parse_args()
+    if args.from_json:
+        j = json.load(open(args.from_json))
+        args.threads = j["threads"]
+        report(j["rows"], j["languages"], j["budget_mb"], j["full_expert_bytes"], args)
+        return
+    if not all([args.model, args.moe_edge, args.train, args.heldout, args.work]):
+        ap.error("--model, --moe-edge, --train, --heldout and --work are needed to measure")
     exe, work = args.moe_edge, args.work
     os.makedirs(work, exist_ok=True)
     langs = sorted(f[:-4] for f in os.listdir(args.heldout) if f.endswith(".txt"))
@@ -100,6 +165,7 @@ def main():
     def methods(lang):
         """(name, model, extra args, expert bytes it needs)"""
         yield "full (learnt top-2)", args.model, [], full_bytes
+        yield "full, own profile's hot experts pinned in half the cache", args.model, ["--pin-hot", f"{profile}:{lang}"], full_bytes
         for share in ("75%", "50%"):
             for scope in ("global", "own"):
                 pack = packs[(share, "global" if scope == "global" else lang)]
@@ -142,56 +208,7 @@ def main():
         r["decode_tok_s"] = statistics.median(x[0] for x in s)
         r["expert_reads_per_token"] = statistics.median(x[1] for x in s)
 
-    # 5. tables
-    names = list(dict.fromkeys(r["method"] for r in rows))
-    print(f"moe-edge-mini, {args.threads} threads, cache budget {budget_mb} MiB (25% of {full_bytes / 2**20:.1f} MiB of experts); "
-          f"means over {len(langs)} languages\n")
-    print("| method | experts run per token and layer | expert bytes needed | perplexity (full: same text) | mean KL vs full | "
-          "top-1 agreement | expert reads per token (cache 25%) | decode tok/s (cache 25%) |")
-    print("|---|---|---|---|---|---|---|---|")
-    summary = []
-    for n in names:
-        rs = [r for r in rows if r["method"] == n]
-        m = {k: statistics.mean(r[k] for r in rs) for k in
-             ("slots_per_token_layer", "expert_bytes", "perplexity", "base_perplexity", "kl_mean", "top1",
-              "expert_reads_per_token", "decode_tok_s")}
-        m["method"] = n
-        summary.append(m)
-        print(f"| {n} | {m['slots_per_token_layer']:.2f} | {m['expert_bytes'] / 2**20:.1f} MiB | {m['perplexity']:.2f} "
-              f"({m['base_perplexity']:.2f}) | {m['kl_mean']:.4f} | {100 * m['top1']:.1f}% | {m['expert_reads_per_token']:.2f} | "
-              f"{m['decode_tok_s']:.0f} |")
-    print("\nPerplexity per language (the full pack's first):\n")
-    print("| method | " + " | ".join(langs) + " |")
-    print("|---|" + "---|" * len(langs))
-    for n in names:
-        by = {r["lang"]: r for r in rows if r["method"] == n}
-        print(f"| {n} | " + " | ".join(f"{by[l]['perplexity']:.1f}" for l in langs) + " |")
-    print("\nMean KL vs full per language:\n")
-    print("| method | " + " | ".join(langs) + " |")
-    print("|---|" + "---|" * len(langs))
-    for n in names[1:]:
-        by = {r["lang"]: r for r in rows if r["method"] == n}
-        print(f"| {n} | " + " | ".join(f"{by[l]['kl_mean']:.3f}" for l in langs) + " |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(budget_mb=budget_mb, full_expert_bytes=full_bytes, threads=args.threads, languages=langs,
-                           summary=summary, rows=rows), f, indent=1)
-    if args.plot:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(8, 5))
-        for m in summary[1:]:
-            ax.scatter(m["expert_bytes"] / 2**20, max(m["kl_mean"], 1e-5), s=40)
-            ax.annotate(m["method"], (m["expert_bytes"] / 2**20, max(m["kl_mean"], 1e-5)), fontsize=7,
-                        xytext=(4, 2), textcoords="offset points")
-        ax.set_yscale("log")
-        ax.set_xlabel("expert bytes the method needs (MiB)")
-        ax.set_ylabel("mean KL divergence vs the full pack (log)")
-        ax.set_title("moe-edge-mini: quality vs expert bytes, mean over 10 languages")
-        ax.grid(True, which="both", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(args.plot)
+    report(rows, langs, budget_mb, full_bytes, args)
 
 
 if __name__ == "__main__":

@@ -55,6 +55,14 @@ pub(crate) fn share_pool_with_tract() {
     });
 }
 
+/// Runs `f` on a thread of the shared pool (directly when called from one). A forward pass run
+/// this way starts its parallel sections (experts, int8 layers, tract's matrix products) from a
+/// pool thread, which takes part in the work: one hand-off per call instead of a wake-up of the
+/// pool and a sleep of the calling thread at every parallel section of every layer.
+pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// The threads tract's matrix products run on now.
 pub fn tract_threads() -> usize {
     match current_tract_executor() {

@@ -61,6 +61,10 @@ impl Session {
     /// vocab]`; for graphs without a KV cache, of every position of the sequence) and the
     /// vocabulary size.
     pub fn feed_all(&mut self, ids: &[i64]) -> Result<(Vec<f32>, usize)> {
+        crate::threads::on_pool(|| self.feed_on_pool(ids))
+    }
+
+    fn feed_on_pool(&mut self, ids: &[i64]) -> Result<(Vec<f32>, usize)> {
         if ids.is_empty() {
             return Err(Error::InvalidInput("no tokens to feed".into()));
         }
