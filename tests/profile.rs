@@ -540,3 +540,78 @@ fn profiles_and_settings_that_do_not_fit_are_refused() {
     assert!(!out.exists(), "a refused command writes nothing");
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// `pack --int4-cold`: the cold experts of a profile go int4 (the expert file lies between the
+/// all-int8 and all-int4 packs'), the pack runs, and bad settings are refused.
+#[test]
+fn pack_int4_cold_stores_the_profiles_cold_experts_in_int4() {
+    let dir = scratch("int4");
+    let text = kit_text(&dir);
+    let tiny = tiny_model();
+    let tiny_s = tiny.to_str().unwrap();
+    let profile = dir.join("p.json");
+    profile_of(&tiny, &text, &profile);
+    let p = profile.to_str().unwrap();
+    let size = |name: &str, extra: &[&str]| -> u64 {
+        let out = dir.join(name);
+        let mut args = vec!["pack", tiny_s, "-o", out.to_str().unwrap(), "--align", "64"];
+        args.extend_from_slice(extra);
+        run_ok(&args);
+        std::fs::metadata(out.join("experts.bin")).unwrap().len()
+    };
+    let int8 = size("int8", &[]);
+    let int4 = size("int4", &["--experts", "int4"]);
+    let mixed = size("mixed", &["--int4-cold", p, "--int8-share", "0.5"]);
+    assert!(
+        int4 < mixed && mixed < int8,
+        "int4 {int4}, mixed {mixed}, int8 {int8}"
+    );
+    let out = run_ok(&[
+        "generate",
+        "-m",
+        dir.join("mixed").to_str().unwrap(),
+        "--prompt-ids",
+        "10,20,30",
+        "--max-tokens",
+        "4",
+        "--ignore-eos",
+        "--json",
+    ]);
+    let j: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["generated_ids"].as_array().map(Vec::len), Some(4));
+    let bad = dir.join("bad");
+    let bad_s = bad.to_str().unwrap();
+    for (args, want) in [
+        (
+            vec![
+                "pack",
+                tiny_s,
+                "-o",
+                bad_s,
+                "--int4-cold",
+                p,
+                "--int8-share",
+                "1.5",
+            ],
+            "outside (0, 1]",
+        ),
+        (
+            vec![
+                "pack",
+                tiny_s,
+                "-o",
+                bad_s,
+                "--int4-cold",
+                p,
+                "--experts",
+                "f16",
+            ],
+            "int8 pack",
+        ),
+    ] {
+        let e = run_err(&args);
+        assert!(e.contains(want), "{args:?}: {e}");
+    }
+    assert!(!bad.exists());
+    std::fs::remove_dir_all(&dir).ok();
+}

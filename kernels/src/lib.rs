@@ -1,4 +1,5 @@
-//! int8 block-quantised matrix kernels; nothing here knows about models.
+//! int8 block-quantised matrix kernels, and the int4 storage format widened to int8 for them;
+//! nothing here knows about models.
 //!
 //! The format (`q8`) is the one moe-edge packs experts in: a matrix `[rows, cols]` (output-major,
 //! as `W` in `y = W x`) stored as `rows x cols_padded` int8 values (`cols_padded` = `cols` rounded
@@ -11,6 +12,7 @@
 //! target features), capped by `MOE_EDGE_ISA`.
 
 pub mod dispatch;
+pub mod q4;
 pub mod q8;
 pub mod scalar;
 

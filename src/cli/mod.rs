@@ -156,14 +156,14 @@ impl ModelArgs {
 }
 
 /// A routing profile named on the command line as `PROFILE.json[:LABEL]`.
-struct ProfileRef {
+pub(crate) struct ProfileRef {
     profile: PathBuf,
-    label: Option<String>,
+    pub(crate) label: Option<String>,
 }
 
 impl ProfileRef {
     /// A label follows the last ':' unless the whole text names a file.
-    fn parse(text: &str, option: &str) -> anyhow::Result<Self> {
+    pub(crate) fn parse(text: &str, option: &str) -> anyhow::Result<Self> {
         let parsed = match text.rsplit_once(':') {
             Some((file, label)) if !std::path::Path::new(text).is_file() && !label.is_empty() => {
                 ProfileRef {
@@ -184,7 +184,7 @@ impl ProfileRef {
     }
 
     /// Reads the profile and checks that it was recorded on a model shaped like `model`.
-    fn read(
+    pub(crate) fn read(
         &self,
         model: &moe_edge_engine::Model,
     ) -> anyhow::Result<moe_edge_engine::RoutingProfile> {

@@ -30,12 +30,23 @@ pub struct PackArgs {
     /// Pack even if some MoE blocks are not understood (they stay dense in the graph).
     #[arg(long)]
     pub dense_fallback: bool,
+    /// Mixed precision: store the cold experts of a routing profile of this model (`moe-edge
+    /// profile`, under LABEL or over all its text) as int4, the hot ones as int8 (int8 packs).
+    #[arg(long, value_name = "PROFILE.json[:LABEL]")]
+    pub int4_cold: Option<String>,
+    /// With --int4-cold: per layer, the most used experts that carried this share of the routed
+    /// slots stay int8 (at least top-k), in (0, 1].
+    #[arg(long, value_name = "S", default_value_t = 0.8, requires = "int4_cold")]
+    pub int8_share: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Experts {
     /// int8 blocks of 32 with f16 scales (f32 scales for matrices f16 cannot scale)
     Int8,
+    /// int4 blocks of 32 with f16 scales, widened to int8 when loaded (4.5 bits per weight on
+    /// disk); a shared expert stays int8
+    Int4,
     F16,
     F32,
 }
@@ -44,6 +55,7 @@ impl From<Experts> for ExpertFormat {
     fn from(e: Experts) -> Self {
         match e {
             Experts::Int8 => ExpertFormat::Int8,
+            Experts::Int4 => ExpertFormat::Int4,
             Experts::F16 => ExpertFormat::F16,
             Experts::F32 => ExpertFormat::F32,
         }
@@ -73,6 +85,10 @@ pub fn run(args: PackArgs) -> anyhow::Result<()> {
         alignment: args.align,
         dense_fallback: args.dense_fallback,
         dense_int8: args.dense == DenseFormat::Int8,
+        int4_experts: match &args.int4_cold {
+            Some(spec) => Some(cold_experts(&args, spec)?),
+            None => None,
+        },
     };
     let started = std::time::Instant::now();
     let bar = indicatif::ProgressBar::new(0);
@@ -105,4 +121,24 @@ pub fn run(args: PackArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The experts `--int4-cold` stores as int4: per layer, those outside the most used ones that
+/// carried `--int8-share` of the routed slots in the profile.
+fn cold_experts(args: &PackArgs, spec: &str) -> anyhow::Result<moe_edge_engine::ExpertMask> {
+    let source = moe_edge_engine::Model::load(
+        &args.model,
+        moe_edge_engine::LoadOptions {
+            dense_fallback: args.dense_fallback,
+            ..Default::default()
+        },
+    )?;
+    let hot = super::ProfileRef::parse(spec, "--int4-cold")?;
+    let profile = hot.read(&source)?;
+    let top_k: Vec<usize> = source.blocks().iter().map(|b| b.spec.top_k).collect();
+    Ok(moe_edge_engine::ExpertMask::keeping(
+        profile.usage(hot.label.as_deref())?,
+        &top_k,
+        moe_edge_engine::Keep::Share(args.int8_share),
+    )?)
 }

@@ -7,6 +7,7 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use crate::error::{Error, Result};
+use crate::kernels::q4::q4_bytes;
 use crate::kernels::q8::{q8_bytes, ScaleType};
 
 pub const MAGIC: &[u8; 8] = b"MOEEXPRT";
@@ -64,12 +65,14 @@ pub enum TensorFormat {
     Q8F16Scales = 2,
     /// int8 blocks of 32, f32 scales
     Q8F32Scales = 3,
+    /// int4 blocks of 32 with f16 scales (see `kernels::q4`), widened to int8 when loaded
+    Q4F16Scales = 4,
 }
 
 impl TensorFormat {
     fn from_u16(v: u16) -> Option<Self> {
         use TensorFormat::*;
-        [F32, F16, Q8F16Scales, Q8F32Scales]
+        [F32, F16, Q8F16Scales, Q8F32Scales, Q4F16Scales]
             .into_iter()
             .find(|k| *k as u16 == v)
     }
@@ -82,9 +85,19 @@ impl TensorFormat {
             TensorFormat::F16 => rows.saturating_mul(cols).saturating_mul(2),
             TensorFormat::Q8F16Scales => q8_bytes(rows, cols, ScaleType::F16),
             TensorFormat::Q8F32Scales => q8_bytes(rows, cols, ScaleType::F32),
+            TensorFormat::Q4F16Scales => q4_bytes(rows, cols),
         }
     }
 
+    /// Whether the tensor is block-quantised (int8 or int4), computed by the int8 kernels.
+    pub fn is_quantised(self) -> bool {
+        matches!(
+            self,
+            TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales | TensorFormat::Q4F16Scales
+        )
+    }
+
+    /// The scale type of an int8 format (`None` for the others).
     pub fn scale_type(self) -> Option<ScaleType> {
         match self {
             TensorFormat::Q8F16Scales => Some(ScaleType::F16),

@@ -17,8 +17,11 @@ pub const FORMAT_VERSION: u32 = 1;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExpertFormat {
-    /// int8 blocks of 32 with f16 scales (f32 scales for matrices f16 cannot scale)
+    /// int8 blocks of 32 with f16 scales (f32 scales for matrices f16 cannot scale); a pack
+    /// made with cold experts in int4 (`pack --int4-cold`) also holds int4 ones
     Int8,
+    /// int4 blocks of 32 with f16 scales (the shared expert, always used, stays int8)
+    Int4,
     F16,
     F32,
 }

@@ -178,7 +178,8 @@ pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack>
 fn resident_bytes(e: &Entry) -> u64 {
     let (rows, cols) = (e.rows as u64, e.cols as u64);
     match e.format {
-        TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales => {
+        // int4 is widened to int8 when loaded
+        TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales | TensorFormat::Q4F16Scales => {
             let nb = blocks_per_row(cols as usize) as u64;
             rows * nb * 32 + rows * nb * 4
         }
@@ -200,7 +201,7 @@ fn decode_f32(bytes: &[u8], format: TensorFormat) -> Option<Vec<f32>> {
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
         ),
-        TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales => None,
+        TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales | TensorFormat::Q4F16Scales => None,
     }
 }
 
@@ -213,17 +214,21 @@ fn read_f32(file: &PackFile, e: &Entry) -> Result<Vec<f32>> {
     })
 }
 
+/// An int8 or int4 tensor as an int8 matrix (int4 widened exactly).
 fn q8_matrix(bytes: &[u8], e: &Entry) -> Result<Q8Matrix> {
-    Q8Matrix::from_bytes(
-        bytes,
-        e.rows as usize,
-        e.cols as usize,
-        e.format.scale_type().expect("q8 format"),
-    )
-    .ok_or_else(|| {
+    let (rows, cols) = (e.rows as usize, e.cols as usize);
+    let m = match e.format.scale_type() {
+        Some(scale) => Q8Matrix::from_bytes(bytes, rows, cols, scale),
+        None if e.format == TensorFormat::Q4F16Scales => {
+            crate::kernels::q4::widen_q4(bytes, rows, cols)
+        }
+        None => None,
+    };
+    m.ok_or_else(|| {
         Error::CorruptPack(format!(
-            "{}: not a valid int8 tensor (size, a -128 value or a non-finite scale)",
-            e.describe()
+            "{}: not a valid {:?} tensor (size, a -128 value or a non-finite scale)",
+            e.describe(),
+            e.format
         ))
     })
 }
@@ -279,7 +284,7 @@ impl PackLayerStore {
                     dec(db, down)?,
                 )?)
             }
-            TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales => {
+            TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales | TensorFormat::Q4F16Scales => {
                 let expert: Q8Expert = Expert::new(
                     q8_matrix(gb, gate)?,
                     q8_matrix(ub, up)?,

@@ -118,7 +118,7 @@ pub(crate) fn check(manifest: &Manifest, file: &PackFile) -> Result<()> {
             (TensorKind::Dense, _) => e.format.scale_type().is_some(),
             (_, false) => e.format == TensorFormat::F32,
             (_, true) => match manifest.experts {
-                ExpertFormat::Int8 => e.format.scale_type().is_some(),
+                ExpertFormat::Int8 | ExpertFormat::Int4 => e.format.is_quantised(),
                 ExpertFormat::F16 => e.format == TensorFormat::F16,
                 ExpertFormat::F32 => e.format == TensorFormat::F32,
             },

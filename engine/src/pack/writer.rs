@@ -18,6 +18,7 @@ use super::manifest::{
 };
 use crate::error::{Error, Result};
 use crate::files::ModelFiles;
+use crate::kernels::q4::{q4_bytes, quantize_q4};
 use crate::kernels::q8::{q8_bytes, quantize, scale_type_for, ScaleType};
 use crate::kernels::BLOCK;
 use crate::moe::expert::DenseExpert;
@@ -39,6 +40,9 @@ pub struct PackOptions {
     /// Also store the dense linear layers (MatMul by a constant weight: attention projections,
     /// LM head) as int8, computed by the int8 kernels.
     pub dense_int8: bool,
+    /// int8 packs: store these routed experts (by model layer) as int4 instead: the cold
+    /// experts of a routing profile (`pack --int4-cold`).
+    pub int4_experts: Option<crate::moe::ExpertMask>,
 }
 
 impl Default for PackOptions {
@@ -49,6 +53,7 @@ impl Default for PackOptions {
             alignment: DEFAULT_ALIGN,
             dense_fallback: false,
             dense_int8: false,
+            int4_experts: None,
         }
     }
 }
@@ -132,6 +137,30 @@ fn write_pack(
         }
     }
 
+    if let Some(mask) = &opts.int4_experts {
+        if opts.experts != ExpertFormat::Int8 {
+            return Err(Error::InvalidInput(
+                "int4 cold experts go into an int8 pack (--experts int8)".into(),
+            ));
+        }
+        for (layer, experts) in mask.layers() {
+            let spec = imported
+                .layers
+                .iter()
+                .map(|l| &l.spec)
+                .find(|s| s.layer == layer)
+                .ok_or_else(|| {
+                    Error::InvalidInput(format!("int4 experts: the model has no MoE layer {layer}"))
+                })?;
+            if let Some(e) = experts.iter().find(|&&e| e >= spec.experts) {
+                return Err(Error::InvalidInput(format!(
+                    "int4 experts: layer {layer} has {} experts, there is no expert {e}",
+                    spec.experts
+                )));
+            }
+        }
+    }
+
     // 1. experts as f32, then the table: every tensor with its format and shape
     let mut dense: Vec<Vec<DenseExpert>> = vec![];
     for layer in &imported.layers {
@@ -184,7 +213,7 @@ fn write_pack(
                 li,
                 NO_EXPERT,
                 TensorKind::SharedGateProj,
-                fmt(opts, &s.ffn.gate.values, h),
+                shared_fmt(opts, &s.ffn.gate.values, h),
                 f,
                 h,
                 &s.ffn.gate.values,
@@ -193,7 +222,7 @@ fn write_pack(
                 li,
                 NO_EXPERT,
                 TensorKind::SharedUpProj,
-                fmt(opts, &s.ffn.up.values, h),
+                shared_fmt(opts, &s.ffn.up.values, h),
                 f,
                 h,
                 &s.ffn.up.values,
@@ -202,7 +231,7 @@ fn write_pack(
                 li,
                 NO_EXPERT,
                 TensorKind::SharedDownProj,
-                fmt(opts, &s.ffn.down.values, f),
+                shared_fmt(opts, &s.ffn.down.values, f),
                 h,
                 f,
                 &s.ffn.down.values,
@@ -226,7 +255,7 @@ fn write_pack(
                     li,
                     e,
                     TensorKind::Gate,
-                    fmt(opts, &x.gate.values, h),
+                    expert_fmt(opts, layer.spec.layer, e as usize, &x.gate.values, h),
                     f,
                     h,
                     &x.gate.values,
@@ -235,7 +264,7 @@ fn write_pack(
                     li,
                     e,
                     TensorKind::Up,
-                    fmt(opts, &x.up.values, h),
+                    expert_fmt(opts, layer.spec.layer, e as usize, &x.up.values, h),
                     f,
                     h,
                     &x.up.values,
@@ -244,7 +273,7 @@ fn write_pack(
                     li,
                     e,
                     TensorKind::Down,
-                    fmt(opts, &x.down.values, f),
+                    expert_fmt(opts, layer.spec.layer, e as usize, &x.down.values, f),
                     h,
                     f,
                     &x.down.values,
@@ -399,11 +428,46 @@ fn planned(
     }
 }
 
+/// Storage format of routed expert `expert` of model layer `layer`.
+fn expert_fmt(
+    opts: &PackOptions,
+    layer: usize,
+    expert: usize,
+    w: &[f32],
+    cols: usize,
+) -> TensorFormat {
+    let cold = opts
+        .int4_experts
+        .as_ref()
+        .is_some_and(|m| m.disabled(layer).contains(&expert));
+    if cold {
+        TensorFormat::Q4F16Scales
+    } else {
+        fmt(opts, w, cols)
+    }
+}
+
+/// Storage format of a shared expert's matrix: always used, so int4 packs keep it int8.
+fn shared_fmt(opts: &PackOptions, w: &[f32], cols: usize) -> TensorFormat {
+    match opts.experts {
+        ExpertFormat::Int4 => fmt(
+            &PackOptions {
+                experts: ExpertFormat::Int8,
+                ..opts.clone()
+            },
+            w,
+            cols,
+        ),
+        _ => fmt(opts, w, cols),
+    }
+}
+
 /// Storage format of one matrix: int8 packs use f16 scales unless the matrix needs f32 ones.
 fn fmt(opts: &PackOptions, w: &[f32], cols: usize) -> TensorFormat {
     match opts.experts {
         ExpertFormat::F32 => TensorFormat::F32,
         ExpertFormat::F16 => TensorFormat::F16,
+        ExpertFormat::Int4 => TensorFormat::Q4F16Scales,
         ExpertFormat::Int8 => match scale_type_for(w, cols, opts.int8_scales) {
             ScaleType::F16 => TensorFormat::Q8F16Scales,
             ScaleType::F32 => TensorFormat::Q8F32Scales,
@@ -422,6 +486,11 @@ fn encode(values: &[f32], format: TensorFormat, rows: usize, cols: usize) -> Vec
             let st = format.scale_type().expect("q8 format");
             let mut out = vec![0u8; q8_bytes(rows, cols, st)];
             quantize(values, rows, cols, st, &mut out);
+            out
+        }
+        TensorFormat::Q4F16Scales => {
+            let mut out = vec![0u8; q4_bytes(rows, cols)];
+            quantize_q4(values, rows, cols, &mut out);
             out
         }
     }
