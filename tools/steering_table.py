@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """What each way of steering the experts costs and saves on the trained model, per language:
 pruning by a routing profile (global or the language's own, 75% and 50% of the experts kept),
-static routing (a fixed top-k per layer from a profile), adaptive top-k, and the full pack with a
-profile's hottest experts pinned in the cache, against the full
+static routing (a fixed top-k per layer from a profile), adaptive top-k, the full pack with a
+profile's hottest experts pinned in the cache, and (with --source) cold experts in int4, against the full
 pack. For every (method, language): expert slots run per token and layer, expert bytes the method
 needs (pack size, or resident for static routing), perplexity, KL divergence and top-1 agreement
 against the full pack's logits on the language's held-out text, and decode speed with an expert
@@ -12,7 +12,7 @@ The profiles are taken on training text (a sample per language, not the held-out
 quality is measured on).
 
     python3 tools/steering_table.py --model models/moe-edge-mini --moe-edge target/release/moe-edge \\
-        --train /tmp/moe-train/corpus/train.jsonl --heldout /tmp/moe-train/heldout --work /tmp/steer \\
+        --source /tmp/quality/onnx --train /tmp/moe-train/corpus/train.jsonl --heldout /tmp/moe-train/heldout --work /tmp/steer \\
         --json docs/steering-moe-edge-mini.json --plot docs/steering-quality-vs-bytes.svg
 """
 
@@ -120,6 +120,7 @@ def main():
     ap.add_argument("--train", help="train.jsonl of tools/train_moe.py's corpus")
     ap.add_argument("--heldout", help="directory of held-out LANG.txt files")
     ap.add_argument("--work")
+    ap.add_argument("--source", help="the f32 export the pack was made from: adds mixed int8/int4 and int4 packs")
     ap.add_argument("--sample-kb", type=int, default=48, help="training text profiled per language")
     ap.add_argument("--rounds", type=int, default=3, help="decode speed: interleaved rounds (median)")
     ap.add_argument("--threads", type=int, default=2)
@@ -162,6 +163,14 @@ def main():
             run([exe, "prune", args.model, "--profile", profile, *label, "--keep", str(keep), "-o", out])
             packs[(share, scope)] = out
 
+    if args.source:
+        for name, extra in (("int4-cold-0.9", ["--int4-cold", profile, "--int8-share", "0.9"]),
+                            ("int4-cold-0.5", ["--int4-cold", profile, "--int8-share", "0.5"]),
+                            ("int4", ["--experts", "int4"])):
+            out = os.path.join(work, "packs", name)
+            run([exe, "pack", args.source, "-o", out, *extra])
+            packs[name] = out
+
     def methods(lang):
         """(name, model, extra args, expert bytes it needs)"""
         yield "full (learnt top-2)", args.model, [], full_bytes
@@ -175,6 +184,11 @@ def main():
         yield "static routing, own profile", args.model, ["--route", f"static:{profile}:{lang}"], top_k * layers * per_expert
         for w in ("0.1", "0.2", "0.3"):
             yield f"adaptive, weight >= {w}", args.model, ["--min-expert-weight", w], full_bytes
+        if args.source:
+            for key, name in (("int4-cold-0.9", "int8 for 90% of the slots, cold experts int4 (global profile)"),
+                              ("int4-cold-0.5", "int8 for 50% of the slots, cold experts int4 (global profile)"),
+                              ("int4", "all experts int4")):
+                yield name, packs[key], [], os.path.getsize(os.path.join(packs[key], "experts.bin"))
 
     # 3. quality per language against the full pack's logits
     rows = []
