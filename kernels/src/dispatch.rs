@@ -2,6 +2,7 @@
 
 use std::sync::OnceLock;
 
+use crate::q4::Q4Matrix;
 use crate::q8::{Q8Activations, Q8Matrix};
 
 /// Instruction sets with kernels, weakest first within each architecture.
@@ -77,12 +78,19 @@ pub type GemmQ8Fn = unsafe fn(&Q8Activations, &Q8Matrix, &mut [f32]);
 /// `out[i] = dot(a[32i..32i+32], b[32i..32i+32])` in i32; lengths checked by the caller.
 pub type BlockDotsFn = unsafe fn(&[i8], &[i8], &mut [i32]);
 
+/// `out[r, o] = sum_b xs[r,b] ws[o,b] dot(xq[r,b], code[o,b] - 8)`; shapes checked by the caller.
+pub type GemmQ4Fn = unsafe fn(&Q8Activations, &Q4Matrix, &mut [f32]);
+/// `out[i] = dot(a[32i..32i+32], codes[16i..16i+16] - 8)` in i32; lengths checked by the caller.
+pub type BlockDotsQ4Fn = unsafe fn(&[i8], &[u8], &mut [i32]);
+
 /// One ISA's kernels.
 #[derive(Debug, Clone, Copy)]
 pub struct Kernels {
     pub isa: Isa,
     gemm_q8_q8: GemmQ8Fn,
     block_dots: BlockDotsFn,
+    gemm_q4_q8: GemmQ4Fn,
+    block_dots_q4: BlockDotsQ4Fn,
 }
 
 impl Kernels {
@@ -109,6 +117,31 @@ impl Kernels {
         assert_eq!(b.len(), a.len());
         // SAFETY: as in `gemm_q8_q8`: supported ISA, lengths checked.
         unsafe { (self.block_dots)(a, b, out) }
+    }
+
+    /// `out[r * w.rows + o]` = row `r` of `x` times row `o` of the int4 matrix `w`.
+    pub fn gemm_q4_q8(&self, x: &Q8Activations, w: &Q4Matrix, out: &mut [f32]) {
+        let nb = w.blocks_per_row();
+        assert_eq!(
+            x.blocks_per_row, nb,
+            "activation and weight block counts differ"
+        );
+        assert_eq!(x.qs.len(), x.rows * nb * crate::BLOCK);
+        assert_eq!(x.scales.len(), x.rows * nb);
+        assert_eq!(w.codes.len(), w.rows * nb * crate::BLOCK / 2);
+        assert_eq!(w.scales.len(), w.rows * nb);
+        assert_eq!(out.len(), x.rows * w.rows);
+        // SAFETY: `self` only exists for ISAs the CPU supports (see `for_isa`), and the shapes
+        // the kernels index by were checked above.
+        unsafe { (self.gemm_q4_q8)(x, w, out) }
+    }
+
+    /// Per-block i32 dot products of int8 values with int4 blocks (to test the integer part).
+    pub fn block_dots_q4(&self, a: &[i8], codes: &[u8], out: &mut [i32]) {
+        assert_eq!(a.len(), out.len() * crate::BLOCK);
+        assert_eq!(codes.len(), out.len() * crate::BLOCK / 2);
+        // SAFETY: as in `gemm_q4_q8`: supported ISA, lengths checked.
+        unsafe { (self.block_dots_q4)(a, codes, out) }
     }
 }
 
@@ -155,10 +188,33 @@ pub fn for_isa(isa: Isa) -> Option<Kernels> {
         #[allow(unreachable_patterns)]
         _ => return None,
     };
+    let (gemm_q4_q8, block_dots_q4): (GemmQ4Fn, BlockDotsQ4Fn) = match isa {
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 | Isa::AvxVnni | Isa::Avx512Vnni => (
+            crate::x86_64::q4::gemm_q4_q8,
+            crate::x86_64::q4::block_dots_q4,
+        ),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Neon => (
+            crate::aarch64::q4::neon::gemm_q4_q8,
+            crate::aarch64::q4::neon::block_dots_q4,
+        ),
+        #[cfg(target_arch = "aarch64")]
+        Isa::Dotprod | Isa::I8mm => (
+            crate::aarch64::q4::dotprod::gemm_q4_q8,
+            crate::aarch64::q4::dotprod::block_dots_q4,
+        ),
+        _ => (
+            crate::scalar::gemm_q4_q8_unchecked,
+            crate::scalar::block_dots_q4_unchecked,
+        ),
+    };
     Some(Kernels {
         isa,
         gemm_q8_q8,
         block_dots,
+        gemm_q4_q8,
+        block_dots_q4,
     })
 }
 

@@ -1,13 +1,14 @@
-//! int8 block-quantised matrix kernels, and the int4 storage format widened to int8 for them;
-//! nothing here knows about models.
+//! int8 and int4 block-quantised matrix kernels; nothing here knows about models.
 //!
 //! The format (`q8`) is the one moe-edge packs experts in: a matrix `[rows, cols]` (output-major,
 //! as `W` in `y = W x`) stored as `rows x cols_padded` int8 values (`cols_padded` = `cols` rounded
 //! up to 32, zero-filled) and one scale per block of 32 along the input dimension, symmetric
 //! (`w = q * scale`, `|q| <= 127`). Activations are quantised the same way per row, and products
-//! accumulate exactly in i32 within a block, in f32 across blocks.
+//! accumulate exactly in i32 within a block, in f32 across blocks. The int4 format (`q4`) stores
+//! cold experts at 4.5 bits per weight; its kernels multiply int8 activations by it the same way.
 //!
-//! Every instruction set has a module with the same functions ([`scalar`] is the reference);
+//! Every instruction set has a module with the same functions ([`scalar`] is the reference; the
+//! int4 ones are one AVX2 module for every x86_64 ISA, and NEON and `sdot` modules on aarch64);
 //! [`kernels`] picks the best one the CPU supports, once, at run time (never from compile-time
 //! target features), capped by `MOE_EDGE_ISA`.
 

@@ -7,9 +7,9 @@
 //! byte `i` holds value `i` in its low nibble and value `i + 16` in its high nibble), then the
 //! scales (`rows x blocks` f16, little-endian). 4.5 bits per weight.
 //!
-//! [`widen_q4`] turns such a matrix into the int8 format exactly (each value `(n - 8) * d` becomes
-//! the int8 `±(n - 8)` with the scale `|d|`), so the int8 kernels compute int4 experts with the
-//! same results as int4 arithmetic would.
+//! [`Q4Matrix`] holds such a matrix in memory as it is stored (codes and f32 scales); the int4
+//! kernels multiply int8 activations by it directly. [`widen_q4`] turns it into the int8 format
+//! exactly instead (each value `(n - 8) * d` becomes the int8 `±(n - 8)` with the scale `|d|`).
 
 use half::f16;
 
@@ -53,6 +53,65 @@ pub fn quantize_q4(w: &[f32], rows: usize, cols: usize, out: &mut [u8]) {
             let at = (r * nb + b) * 2;
             scales[at..at + 2].copy_from_slice(&d.to_le_bytes());
         }
+    }
+}
+
+/// An int4 matrix in memory: `rows x blocks x 16` code bytes and `rows x blocks` scales (signed,
+/// f32), laid out as in the file.
+#[derive(Debug, Clone)]
+pub struct Q4Matrix {
+    pub rows: usize,
+    pub cols: usize,
+    pub codes: Vec<u8>,
+    pub scales: Vec<f32>,
+}
+
+impl Q4Matrix {
+    /// Reads a matrix written by [`quantize_q4`]; `None` if the size does not match the shape or
+    /// a scale is not finite.
+    pub fn from_bytes(bytes: &[u8], rows: usize, cols: usize) -> Option<Self> {
+        if bytes.len() != q4_bytes(rows, cols) {
+            return None;
+        }
+        let nb = blocks_per_row(cols);
+        let (codes, scales) = bytes.split_at(rows * nb * (BLOCK / 2));
+        let scales: Vec<f32> = scales
+            .chunks_exact(2)
+            .map(|c| f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect();
+        if !scales.iter().all(|s| s.is_finite()) {
+            return None;
+        }
+        Some(Q4Matrix {
+            rows,
+            cols,
+            codes: codes.to_vec(),
+            scales,
+        })
+    }
+
+    pub fn blocks_per_row(&self) -> usize {
+        blocks_per_row(self.cols)
+    }
+
+    /// Dequantised row-major `[rows, cols]`.
+    pub fn dequantize(&self) -> Vec<f32> {
+        let nb = self.blocks_per_row();
+        let mut w = Vec::with_capacity(self.rows * self.cols);
+        for r in 0..self.rows {
+            for c in 0..self.cols {
+                let (b, i) = (r * nb + c / BLOCK, c % BLOCK);
+                let byte = self.codes[b * 16 + i % 16];
+                let code = if i < 16 { byte & 0x0f } else { byte >> 4 };
+                w.push((code as i32 - 8) as f32 * self.scales[b]);
+            }
+        }
+        w
+    }
+
+    /// Bytes held.
+    pub fn heap_bytes(&self) -> usize {
+        self.codes.len() + self.scales.len() * 4
     }
 }
 
@@ -116,6 +175,9 @@ mod tests {
         assert_eq!((m.qs[0], m.qs[1], m.qs[17], m.qs[5]), (4, -8, 1, 0));
         let back = m.dequantize();
         assert_eq!((back[0], back[1], back[17]), (1.0, -2.0, 0.25));
+        let direct = Q4Matrix::from_bytes(&buf, 1, 32).unwrap();
+        assert_eq!(direct.dequantize(), back);
+        assert_eq!(direct.heap_bytes(), 16 + 4);
     }
 
     /// A positive extreme gives a negative stored scale; widened, the signs move to the values.

@@ -1,6 +1,7 @@
 //! Portable reference kernels for the int8 block format. SIMD kernels must match these:
 //! bit-exact for the integer dot products, within a stated bound for float paths.
 
+use crate::q4::Q4Matrix;
 use crate::q8::{Q8Activations, Q8Matrix};
 use crate::BLOCK;
 
@@ -66,6 +67,66 @@ pub fn block_dots(a: &[i8], b: &[i8], out: &mut [i32]) {
 /// Always safe to call; `unsafe` only to share the table's type.
 pub unsafe fn block_dots_unchecked(a: &[i8], b: &[i8], out: &mut [i32]) {
     block_dots(a, b, out)
+}
+
+/// Integer dot product of one int4 block (16 code bytes: value `i` in the low nibble of byte `i`,
+/// value `i + 16` in the high nibble) with 32 int8 values: `sum(a[i] * (code[i] - 8))` in i32.
+#[inline]
+pub fn dot_block_q4(codes: &[u8], a: &[i8]) -> i32 {
+    let mut acc = 0i32;
+    for i in 0..BLOCK / 2 {
+        acc += a[i] as i32 * ((codes[i] & 0x0f) as i32 - 8);
+        acc += a[i + 16] as i32 * ((codes[i] >> 4) as i32 - 8);
+    }
+    acc
+}
+
+/// Per-block i32 dot products of int8 values with int4 blocks: `out[i] = dot(a[32i..], block i)`.
+pub fn block_dots_q4(a: &[i8], codes: &[u8], out: &mut [i32]) {
+    for (i, o) in out.iter_mut().enumerate() {
+        *o = dot_block_q4(&codes[i * 16..(i + 1) * 16], &a[i * BLOCK..(i + 1) * BLOCK]);
+    }
+}
+
+/// [`block_dots_q4`] behind the dispatch table's signature.
+///
+/// # Safety
+/// Always safe to call; `unsafe` only to share the table's type.
+pub unsafe fn block_dots_q4_unchecked(a: &[i8], codes: &[u8], out: &mut [i32]) {
+    block_dots_q4(a, codes, out)
+}
+
+/// `out[r, o] = sum_b xs[r,b] * ws[o,b] * dot(xq[r,b], code[o,b] - 8)`: int8 activations times
+/// int4 weights, i32 within a block, f32 across blocks.
+pub fn gemm_q4_q8(x: &Q8Activations, w: &Q4Matrix, out: &mut [f32]) {
+    let nb = w.blocks_per_row();
+    assert_eq!(
+        x.blocks_per_row, nb,
+        "activation and weight block counts differ"
+    );
+    assert_eq!(out.len(), x.rows * w.rows);
+    for o in 0..w.rows {
+        let wc = &w.codes[o * nb * 16..(o + 1) * nb * 16];
+        let ws = &w.scales[o * nb..(o + 1) * nb];
+        for r in 0..x.rows {
+            let xq = &x.qs[r * nb * BLOCK..(r + 1) * nb * BLOCK];
+            let xs = &x.scales[r * nb..(r + 1) * nb];
+            let mut acc = 0f32;
+            for b in 0..nb {
+                let d = dot_block_q4(&wc[b * 16..(b + 1) * 16], &xq[b * BLOCK..(b + 1) * BLOCK]);
+                acc += (xs[b] * ws[b]) * d as f32;
+            }
+            out[r * w.rows + o] = acc;
+        }
+    }
+}
+
+/// [`gemm_q4_q8`] behind the dispatch table's signature.
+///
+/// # Safety
+/// Always safe to call; `unsafe` only to share the table's type.
+pub unsafe fn gemm_q4_q8_unchecked(x: &Q8Activations, w: &Q4Matrix, out: &mut [f32]) {
+    gemm_q4_q8(x, w, out)
 }
 
 /// `out[r, o] = sum_c x[r, c] * w[o, c]` with `w` dequantised on the fly (f32 activations).

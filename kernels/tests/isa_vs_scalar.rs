@@ -6,6 +6,7 @@
 //! (comma-separated, as CI does per emulated CPU) turns the skip into a failure. ISAs of the
 //! other architecture are `#[ignore]`d, so they are counted as skipped by the test runner.
 
+use moe_edge_kernels::q4::Q4Matrix;
 use moe_edge_kernels::q8::{blocks_per_row, Q8Activations, Q8Matrix};
 use moe_edge_kernels::{for_isa, scalar, Isa, Kernels, BLOCK};
 
@@ -154,6 +155,128 @@ fn check_gemm(k: &Kernels) {
     }
 }
 
+/// int4 blocks: random codes with some all-0 and all-15 blocks (the extremes, -8 and +7).
+fn int4_codes(rng: &mut Rng, blocks: usize) -> Vec<u8> {
+    let mut c: Vec<u8> = (0..blocks * 16).map(|_| (rng.next() % 256) as u8).collect();
+    for b in 0..blocks {
+        match rng.next() % 6 {
+            0 => c[b * 16..(b + 1) * 16].fill(0),
+            1 => c[b * 16..(b + 1) * 16].fill(0xff),
+            _ => {}
+        }
+    }
+    c
+}
+
+fn check_block_dots_q4(k: &Kernels) {
+    let mut rng = Rng(23);
+    for blocks in [1usize, 2, 3, 7, 64, 129] {
+        let (a, c) = (int8_data(&mut rng, blocks), int4_codes(&mut rng, blocks));
+        let (mut got, mut want) = (vec![0i32; blocks], vec![0i32; blocks]);
+        k.block_dots_q4(&a, &c, &mut got);
+        scalar::block_dots_q4(&a, &c, &mut want);
+        assert_eq!(
+            got,
+            want,
+            "{}: int4 block dots differ ({blocks} blocks)",
+            k.isa.name()
+        );
+    }
+    // the extremes: -127 x -8 everywhere, and 127 x 7
+    let (mut got, a, c) = ([0i32], [-127i8; BLOCK], [0u8; 16]);
+    k.block_dots_q4(&a, &c, &mut got);
+    assert_eq!(got[0], 32 * 1016, "{}: extreme int4 block", k.isa.name());
+    k.block_dots_q4(&[127i8; BLOCK], &[0xffu8; 16], &mut got);
+    assert_eq!(got[0], 32 * 889, "{}: extreme int4 block", k.isa.name());
+}
+
+/// The int4 GEMM against the scalar one, with the bound of [`check_gemm`] (exact block dots,
+/// f32 rounding of the scaled sums and their order).
+fn check_gemm_q4(k: &Kernels) {
+    let mut rng = Rng(29);
+    for &cols in &[1usize, 5, 31, 32, 33, 100, 1024, 1030] {
+        for &(rows, out_rows) in &[(1usize, 1usize), (1, 7), (2, 16), (3, 33), (5, 8), (64, 3)] {
+            let nb = blocks_per_row(cols);
+            let w = Q4Matrix {
+                rows: out_rows,
+                cols,
+                codes: int4_codes(&mut rng, out_rows * nb),
+                scales: (0..out_rows * nb).map(|_| rng.f32() * 0.02).collect(),
+            };
+            let x = random_activations(&mut rng, rows, cols);
+            let (mut got, mut want) = (vec![0f32; rows * out_rows], vec![0f32; rows * out_rows]);
+            k.gemm_q4_q8(&x, &w, &mut got);
+            scalar::gemm_q4_q8(&x, &w, &mut want);
+            for r in 0..rows {
+                for o in 0..out_rows {
+                    let mut mag = 0f64;
+                    for b in 0..nb {
+                        let s = (x.scales[r * nb + b] * w.scales[o * nb + b]).abs() as f64;
+                        let p: i64 = (0..BLOCK)
+                            .map(|i| {
+                                let byte = w.codes[(o * nb + b) * 16 + i % 16];
+                                let code = if i < 16 { byte & 0x0f } else { byte >> 4 } as i64 - 8;
+                                (x.qs[(r * nb + b) * BLOCK + i] as i64 * code).abs()
+                            })
+                            .sum();
+                        mag += s * p as f64;
+                    }
+                    let bound = 2.0 * (nb as f64 + 8.0) * f32::EPSILON as f64 * mag + 1e-30;
+                    let (g, e) = (got[r * out_rows + o] as f64, want[r * out_rows + o] as f64);
+                    assert!((g - e).abs() <= bound, "{}: int4 cols {cols} rows {rows}x{out_rows} at ({r},{o}): {g} vs {e} (bound {bound})", k.isa.name());
+                }
+            }
+        }
+    }
+}
+
+/// The scalar int4 GEMM against the f32 product of the dequantised matrix (exact integer part;
+/// within f32 rounding of the sums).
+#[test]
+fn scalar_int4_gemm_equals_the_dequantised_product() {
+    let mut rng = Rng(31);
+    let (rows, out_rows, cols) = (3, 5, 70);
+    let nb = blocks_per_row(cols);
+    let mut codes = int4_codes(&mut rng, out_rows * nb);
+    // the padding of each row's last block holds code 8 (value 0), as quantize_q4 writes it
+    for o in 0..out_rows {
+        for i in cols % BLOCK..BLOCK {
+            let byte = &mut codes[(o * nb + nb - 1) * 16 + i % 16];
+            *byte = if i < 16 {
+                (*byte & 0xf0) | 8
+            } else {
+                (*byte & 0x0f) | 0x80
+            };
+        }
+    }
+    let w = Q4Matrix {
+        rows: out_rows,
+        cols,
+        codes,
+        scales: (0..out_rows * nb).map(|_| rng.f32() * 0.1).collect(),
+    };
+    let x = random_activations(&mut rng, rows, cols);
+    let mut got = vec![0f32; rows * out_rows];
+    scalar::gemm_q4_q8(&x, &w, &mut got);
+    let wf = w.dequantize();
+    for r in 0..rows {
+        for o in 0..out_rows {
+            let want: f64 = (0..cols)
+                .map(|c| {
+                    x.qs[r * nb * BLOCK + c] as f64
+                        * x.scales[r * nb + c / BLOCK] as f64
+                        * wf[o * cols + c] as f64
+                })
+                .sum();
+            let g = got[r * out_rows + o] as f64;
+            assert!(
+                (g - want).abs() <= 1e-4 * want.abs().max(1.0),
+                "({r},{o}): {g} vs {want}"
+            );
+        }
+    }
+}
+
 macro_rules! isa_tests {
     ($isa:expr, $arch:literal, $dots:ident, $gemm:ident) => {
         #[test]
@@ -169,6 +292,8 @@ macro_rules! isa_tests {
         fn $gemm() {
             if let Some(k) = kernels_or_skip($isa) {
                 check_gemm(&k);
+                check_block_dots_q4(&k);
+                check_gemm_q4(&k);
             }
         }
     };

@@ -44,8 +44,8 @@ pub struct PackArgs {
 pub enum Experts {
     /// int8 blocks of 32 with f16 scales (f32 scales for matrices f16 cannot scale)
     Int8,
-    /// int4 blocks of 32 with f16 scales, widened to int8 when loaded (4.5 bits per weight on
-    /// disk); a shared expert stays int8
+    /// int4 blocks of 32 with f16 scales (4.5 bits per weight on disk, 5 in memory), computed by
+    /// the int4 kernels; a shared expert stays int8
     Int4,
     F16,
     F32,

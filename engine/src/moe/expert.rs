@@ -1,11 +1,12 @@
 //! One expert feed-forward network, whatever the storage format of its weights: the gated FFN
 //! `down(act(gate(x), up(x)))` with optional biases, written once and parameterised by a
-//! [`WeightMatrix`] (f32 in memory, int8 blocks computed by the int8 kernels).
+//! [`WeightMatrix`] (f32 in memory, int8 and int4 blocks computed by the kernels crate).
 
 use std::fmt::Debug;
 use std::sync::OnceLock;
 
 use crate::error::{Error, Result};
+use crate::kernels::q4::Q4Matrix;
 use crate::kernels::q8::{Q8Activations, Q8Matrix};
 use crate::kernels::{kernels, scalar};
 use crate::moe::spec::Activation;
@@ -111,6 +112,23 @@ impl WeightMatrix for Q8Matrix {
     }
 }
 
+/// int4 weights always take int8-quantised activations (the int4 kernels' only form).
+impl WeightMatrix for Q4Matrix {
+    type Prepared<'a> = Q8Activations;
+    fn rows(&self) -> usize {
+        self.rows
+    }
+    fn cols(&self) -> usize {
+        self.cols
+    }
+    fn prepare(&self, x: &[f32], rows: usize) -> Q8Activations {
+        Q8Activations::quantize(x, rows, self.cols)
+    }
+    fn matmul(&self, x: &Q8Activations, _rows: usize, out: &mut [f32]) {
+        kernels().gemm_q4_q8(x, self, out)
+    }
+}
+
 /// Biases of an expert's three projections.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ExpertBias {
@@ -136,6 +154,8 @@ pub struct Expert<W> {
 pub type DenseExpert = Expert<F32Matrix>;
 /// An expert held as int8 blocks (the pack's format).
 pub type Q8Expert = Expert<Q8Matrix>;
+/// An expert held as int4 blocks.
+pub type Q4Expert = Expert<Q4Matrix>;
 
 impl<W: WeightMatrix> Expert<W> {
     /// Checks that the shapes chain (`gate`/`up` `[ffn, hidden]`, `down` `[hidden, ffn]`).

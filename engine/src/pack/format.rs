@@ -65,7 +65,7 @@ pub enum TensorFormat {
     Q8F16Scales = 2,
     /// int8 blocks of 32, f32 scales
     Q8F32Scales = 3,
-    /// int4 blocks of 32 with f16 scales (see `kernels::q4`), widened to int8 when loaded
+    /// int4 blocks of 32 with f16 scales (see `kernels::q4`)
     Q4F16Scales = 4,
 }
 

@@ -20,8 +20,9 @@ use std::sync::Arc;
 use tract_onnx::pb::ModelProto;
 
 use crate::error::{Error, Result};
+use crate::kernels::q4::Q4Matrix;
 use crate::kernels::q8::{blocks_per_row, Q8Matrix};
-use crate::moe::expert::{DenseExpert, Expert, ExpertFfn, Q8Expert};
+use crate::moe::expert::{DenseExpert, Expert, ExpertFfn, Q4Expert, Q8Expert};
 use crate::moe::layer::MoeLayer;
 use crate::moe::store::{ExpertStore, SharedExpert};
 use crate::ops::{OpTable, Q8Linear};
@@ -178,10 +179,14 @@ pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack>
 fn resident_bytes(e: &Entry) -> u64 {
     let (rows, cols) = (e.rows as u64, e.cols as u64);
     match e.format {
-        // int4 is widened to int8 when loaded
-        TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales | TensorFormat::Q4F16Scales => {
+        TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales => {
             let nb = blocks_per_row(cols as usize) as u64;
             rows * nb * 32 + rows * nb * 4
+        }
+        // codes as stored, scales as f32
+        TensorFormat::Q4F16Scales => {
+            let nb = blocks_per_row(cols as usize) as u64;
+            rows * nb * 16 + rows * nb * 4
         }
         TensorFormat::F32 | TensorFormat::F16 => rows * cols * 4,
     }
@@ -284,7 +289,29 @@ impl PackLayerStore {
                     dec(db, down)?,
                 )?)
             }
+            TensorFormat::Q4F16Scales
+                if up.format == TensorFormat::Q4F16Scales
+                    && down.format == TensorFormat::Q4F16Scales =>
+            {
+                let q4 = |b: &[u8], e: &Entry| {
+                    Q4Matrix::from_bytes(b, e.rows as usize, e.cols as usize).ok_or_else(|| {
+                        Error::CorruptPack(format!(
+                            "{}: not a valid int4 tensor (size or a non-finite scale)",
+                            e.describe()
+                        ))
+                    })
+                };
+                let expert: Q4Expert = Expert::new(
+                    q4(gb, gate)?,
+                    q4(ub, up)?,
+                    q4(db, down)?,
+                    None,
+                    crate::moe::Activation::SiluGated,
+                )?;
+                Arc::new(expert)
+            }
             TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales | TensorFormat::Q4F16Scales => {
+                // int8, or int4 mixed with int8 within the expert: int4 widened to int8
                 let expert: Q8Expert = Expert::new(
                     q8_matrix(gb, gate)?,
                     q8_matrix(ub, up)?,

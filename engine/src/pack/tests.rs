@@ -1072,6 +1072,19 @@ fn int4_and_mixed_packs_against_torch() {
                 .sum()
         };
         assert!(size(&int4) < size(&mixed) && size(&mixed) < size(&int8));
+        // int4 experts stay int4 in memory: the default budget (every expert) is what they hold
+        let budget = |d: &Path| {
+            Model::load(d, LoadOptions::default())
+                .unwrap()
+                .cache_stats()
+                .unwrap()
+                .budget_bytes
+        };
+        let (b8, b4) = (budget(&int8), budget(&int4));
+        assert!(
+            b4 * 100 < b8 * 60,
+            "{arch}: int4 experts hold {b4} bytes, int8 {b8}"
+        );
         // int4 experts only go into int8 packs; a mask naming a missing layer or expert is refused
         for (opts, want) in [
             (

@@ -8,6 +8,7 @@
 pub mod dotprod;
 pub mod i8mm;
 pub mod neon;
+pub mod q4;
 
 /// Generates `block_dots` and `gemm_q8_q8` for the target features `$features`, given
 /// `$dot: unsafe fn(*const i8, *const i8) -> int32x4_t` (four i32 partial sums of one block).

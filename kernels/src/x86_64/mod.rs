@@ -9,6 +9,7 @@
 pub mod avx2;
 pub mod avx512vnni;
 pub mod avxvnni;
+pub mod q4;
 
 /// Generates `block_dots` and `gemm_q8_q8` for the target features `$features`, given
 /// `$dot: unsafe fn(*const i8, *const i8) -> __m256i` (eight i32 partial sums of one block).
