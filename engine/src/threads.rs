@@ -3,7 +3,7 @@
 //! is single-threaded). [`configure_threads`] sizes it once; loading a model points tract at it
 //! when the application has not chosen another executor for tract.
 
-use std::sync::Once;
+use std::sync::{Mutex, Once};
 
 use tract_linalg::multithread::{current_tract_executor, set_default_executor, Executor};
 
@@ -55,12 +55,34 @@ pub(crate) fn share_pool_with_tract() {
     });
 }
 
-/// Runs `f` on a thread of the shared pool (directly when called from one). A forward pass run
-/// this way starts its parallel sections (experts, int8 layers, tract's matrix products) from a
-/// pool thread, which takes part in the work: one hand-off per call instead of a wake-up of the
-/// pool and a sleep of the calling thread at every parallel section of every layer.
+/// Runs the forward pass `f` on a thread of the shared pool (directly when called from one). Its
+/// parallel sections (experts, int8 layers, tract's matrix products) then start from a pool
+/// thread, which takes part in the work: one hand-off per call instead of a wake-up of the pool
+/// and a sleep of the calling thread at every parallel section of every layer.
+///
+/// Forward passes run this way one at a time, process-wide: a pool thread waiting inside one of
+/// tract's matrix products (which holds a thread-local scratch borrowed across its parallel
+/// section) may pick up any queued pool job, and another forward pass started there would borrow
+/// the same scratch again (a panic). Concurrent sessions therefore take turns, step by step; each
+/// step has every thread of the pool.
 pub(crate) fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let _turn = ONE_STEP_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     rayon::scope(|_| f())
+}
+
+/// Taken by each forward pass [`on_pool`] runs, and by [`on_every_pool_thread`].
+static ONE_STEP_AT_A_TIME: Mutex<()> = Mutex::new(());
+
+/// Runs `f` once on every thread of the shared pool, between forward passes: what a forward pass
+/// left in a pool thread's thread-local storage (tract keeps per-session scratch there) is
+/// released this way when the session ends.
+pub(crate) fn on_every_pool_thread(f: impl Fn() + Sync) {
+    let _turn = (rayon::current_thread_index().is_none())
+        .then(|| ONE_STEP_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner()));
+    rayon::broadcast(|_| f());
 }
 
 /// The threads tract's matrix products run on now.

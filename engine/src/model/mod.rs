@@ -426,11 +426,15 @@ impl Model {
             return Err(Error::ContextFull { limit, needed: seq });
         }
         let plan = self.plan(batch)?;
-        let mut state = plan
-            .runnable
-            .spawn()
-            .map_err(Error::tract("starting a run"))?;
-        plan.run(&mut state, ids, batch, 0)
+        crate::threads::on_pool(|| {
+            let mut state = plan
+                .runnable
+                .spawn()
+                .map_err(Error::tract("starting a run"))?;
+            let out = plan.run(&mut state, ids, batch, 0);
+            plan.retire(state);
+            out
+        })
     }
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use tract_onnx::pb::ModelProto;
 use tract_onnx::prelude::*;
+use tract_onnx::tract_core::internal::SessionId;
 use tract_onnx::tract_core::optim::Optimizer;
 
 use super::interface::Interface;
@@ -153,6 +154,26 @@ pub(crate) fn build_plan(model: &Model, batch: usize) -> Result<Plan> {
 }
 
 impl Plan {
+    /// Drops a state of this plan, and the scratch its forward passes left on the pool threads
+    /// (tract keeps it per thread and session, and a state's drop only frees the dropping
+    /// thread's).
+    pub(crate) fn retire(&self, state: TypedSimpleState) {
+        let session = crate::ops::session_of(&state);
+        drop(state);
+        self.release_pool_scratch(session);
+    }
+
+    /// Frees what the forward passes of tract session `session` left on the pool threads.
+    pub(crate) fn release_pool_scratch(&self, session: Option<SessionId>) {
+        let Some(session) = session else { return };
+        let model = self.runnable.model();
+        crate::threads::on_every_pool_thread(|| {
+            for (ix, node) in model.nodes().iter().enumerate() {
+                node.op().drop_session(session, ix);
+            }
+        });
+    }
+
     /// Runs one turn: `ids[batch, seq]` after `past` cached positions. Returns all logits.
     pub(crate) fn run(
         &self,

@@ -17,7 +17,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
 pub(crate) use linear_q8::Q8Linear;
-pub(crate) use sparse_moe::{set_session_routing, SparseMoeOp};
+pub(crate) use sparse_moe::{session_of, set_session_routing, SparseMoeOp};
 
 use crate::moe::layer::MoeLayer;
 use slot::{SlotKind, UnboundSlot};

@@ -48,8 +48,11 @@ impl Op for SparseMoeOp {
 impl EvalOp for SparseMoeOp {
     not_out_of_plan!();
 
-    fn state(&self, _ctx: &EvalContext) -> TractResult<Option<Box<dyn OpState>>> {
-        Ok(Some(Box::new(MoeSessionState::default())))
+    fn state(&self, ctx: &EvalContext) -> TractResult<Option<Box<dyn OpState>>> {
+        Ok(Some(Box::new(MoeSessionState {
+            session: Some(ctx.session),
+            ..Default::default()
+        })))
     }
 }
 
@@ -72,6 +75,8 @@ pub(crate) struct MoeSessionState {
     observer: Option<Arc<dyn RoutingObserver>>,
     /// Position of the next token this node will see.
     position: usize,
+    /// The tract session the state belongs to (see [`session_of`]).
+    session: Option<SessionId>,
 }
 
 impl std::fmt::Debug for MoeSessionState {
@@ -121,6 +126,16 @@ impl OpState for MoeSessionState {
         self.position = 0;
         Ok(())
     }
+}
+
+/// The tract session of a state, as its MoE nodes recorded it (`None` for a graph without one).
+pub(crate) fn session_of(state: &TypedSimpleState) -> Option<SessionId> {
+    state
+        .op_states
+        .iter()
+        .flatten()
+        .find_map(|s| s.downcast_ref::<MoeSessionState>())
+        .and_then(|m| m.session)
 }
 
 /// Sets the routing observer and the position of the next token in every MoE node of a

@@ -84,9 +84,10 @@ impl Session {
             all.extend_from_slice(ids);
             let mut fresh = spawn(&self.plan)?;
             set_session_routing(&mut fresh, self.observer.as_ref(), 0);
-            let out = self.plan.run(&mut fresh, &all, 1, 0)?;
+            let out = self.plan.run(&mut fresh, &all, 1, 0);
+            self.plan.retire(fresh);
             self.tokens = all;
-            out
+            out?
         };
         if vocab == 0 || logits.len() < vocab {
             return Err(Error::UnsupportedGraph(
@@ -139,7 +140,8 @@ impl Session {
 
     /// Forgets every token.
     pub fn reset(&mut self) -> Result<()> {
-        self.state = spawn(&self.plan)?;
+        let old = std::mem::replace(&mut self.state, spawn(&self.plan)?);
+        self.plan.retire(old);
         set_session_routing(&mut self.state, self.observer.as_ref(), 0);
         self.tokens.clear();
         Ok(())
@@ -150,6 +152,14 @@ impl Session {
         self.observer = observer;
         let position = if self.kv_cache { self.tokens.len() } else { 0 };
         set_session_routing(&mut self.state, self.observer.as_ref(), position);
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        // the state itself is dropped after this, freeing this thread's scratch
+        self.plan
+            .release_pool_scratch(crate::ops::session_of(&self.state));
     }
 }
 

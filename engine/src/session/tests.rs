@@ -203,3 +203,46 @@ fn token_ids_outside_the_vocabulary_are_refused_before_the_graph_runs() {
     let last = session.feed(&[10, (vocab - 1) as i64]).unwrap();
     assert_eq!(last.len(), vocab);
 }
+
+/// Sessions of several models stepping at once from several threads (as a server's slots and
+/// tests running in parallel do) give exactly the tokens each gives alone: forward passes share
+/// the one pool without running into each other.
+#[test]
+fn concurrent_sessions_on_the_shared_pool_give_the_tokens_they_give_alone() {
+    // the trained model's matrices (hidden 256, a vocabulary of 8192) are large enough for tract
+    // to split its matrix products over the pool
+    let models: Vec<Model> = [
+        workspace_root().join("models/moe-edge-mini"),
+        kv_export("mixtral", false),
+        kv_export("qwen2_moe", false),
+    ]
+    .iter()
+    .map(|p| Model::load(p, LoadOptions::default()).unwrap())
+    .collect();
+    let greedy = |model: &Model, first: i64| -> Vec<i64> {
+        let mut session = Session::new(model).unwrap();
+        let mut logits = session.feed(&[first, first + 1, first + 2]).unwrap();
+        let mut out = vec![];
+        for _ in 0..24 {
+            let next = argmax(&logits) as i64;
+            out.push(next);
+            logits = session.feed(&[next]).unwrap();
+        }
+        out
+    };
+    let alone: Vec<Vec<i64>> = (0..6)
+        .map(|i| greedy(&models[i % 3], 3 + i as i64))
+        .collect();
+    for _round in 0..3 {
+        let together: Vec<Vec<i64>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6)
+                .map(|i| {
+                    let model = &models[i % 3];
+                    s.spawn(move || greedy(model, 3 + i as i64))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(together, alone);
+    }
+}
