@@ -20,32 +20,6 @@ macro_rules! x86_kernels {
         use crate::q8::{Q8Activations, Q8Matrix};
         use crate::BLOCK;
 
-        /// Sum of the eight i32 lanes.
-        ///
-        /// # Safety
-        /// AVX2 required.
-        #[inline]
-        #[target_feature(enable = "avx2")]
-        unsafe fn hsum_i32(v: __m256i) -> i32 {
-            let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-            _mm_cvtsi128_si32(s)
-        }
-
-        /// Sum of the eight f32 lanes.
-        ///
-        /// # Safety
-        /// AVX2 required.
-        #[inline]
-        #[target_feature(enable = "avx2")]
-        unsafe fn hsum_f32(v: __m256) -> f32 {
-            let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-            let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-            let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01));
-            _mm_cvtss_f32(s)
-        }
-
         /// Per-block i32 dot products.
         ///
         /// # Safety
@@ -55,8 +29,9 @@ macro_rules! x86_kernels {
         pub unsafe fn block_dots(a: &[i8], b: &[i8], out: &mut [i32]) {
             for (i, o) in out.iter_mut().enumerate() {
                 // SAFETY: block i lies within a and b (caller's contract).
-                *o =
-                    unsafe { hsum_i32($dot(a.as_ptr().add(i * BLOCK), b.as_ptr().add(i * BLOCK))) };
+                *o = unsafe {
+                    super::hsum_i32($dot(a.as_ptr().add(i * BLOCK), b.as_ptr().add(i * BLOCK)))
+                };
             }
         }
 
@@ -84,7 +59,7 @@ macro_rules! x86_kernels {
                             acc,
                         );
                     }
-                    out[r * w.rows + o] = hsum_f32(acc);
+                    out[r * w.rows + o] = super::hsum_f32(acc);
                 }
             }
         }
@@ -108,3 +83,31 @@ macro_rules! x86_kernels {
     };
 }
 pub(crate) use x86_kernels;
+
+use std::arch::x86_64::*;
+
+/// Sum of the eight i32 lanes.
+///
+/// # Safety
+/// AVX2 required.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Sum of the eight f32 lanes.
+///
+/// # Safety
+/// AVX2 required.
+#[inline]
+#[target_feature(enable = "avx2")]
+pub(crate) unsafe fn hsum_f32(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01));
+    _mm_cvtss_f32(s)
+}

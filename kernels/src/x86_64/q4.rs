@@ -5,6 +5,7 @@
 
 use std::arch::x86_64::*;
 
+use super::{hsum_f32, hsum_i32};
 use crate::q4::Q4Matrix;
 use crate::q8::Q8Activations;
 use crate::BLOCK;
@@ -32,32 +33,6 @@ unsafe fn dot_block_q4(codes: *const u8, x: *const i8) -> __m256i {
     let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), ones);
     let sum_x = _mm256_madd_epi16(_mm256_maddubs_epi16(_mm256_set1_epi8(1), xv), ones);
     _mm256_sub_epi32(dot, _mm256_slli_epi32(sum_x, 3))
-}
-
-/// Sum of the eight i32 lanes.
-///
-/// # Safety
-/// AVX2 required.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn hsum_i32(v: __m256i) -> i32 {
-    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-    let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-    _mm_cvtsi128_si32(s)
-}
-
-/// Sum of the eight f32 lanes.
-///
-/// # Safety
-/// AVX2 required.
-#[inline]
-#[target_feature(enable = "avx2")]
-unsafe fn hsum_f32(v: __m256) -> f32 {
-    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 0b01));
-    _mm_cvtss_f32(s)
 }
 
 /// Per-block i32 dot products of int8 values with int4 blocks.
