@@ -41,14 +41,6 @@ fn run_json(args: &[&str]) -> serde_json::Value {
     json_output(moe_edge_cmd().args(args))
 }
 
-fn run_err(args: &[&str]) -> String {
-    let out = moe_edge_cmd().args(args).output().unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
-}
-
 fn tiny() -> String {
     tiny_model().to_str().unwrap().to_string()
 }

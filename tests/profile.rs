@@ -15,22 +15,6 @@ fn scratch(name: &str) -> PathBuf {
     scratch_dir("profile", name)
 }
 
-fn run_ok(args: &[&str]) -> std::process::Output {
-    let out = moe_edge_cmd().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
-fn run_err(args: &[&str]) -> String {
-    let out = moe_edge_cmd().args(args).output().unwrap();
-    assert!(!out.status.success(), "{args:?} succeeded");
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
 fn read_json(path: &Path) -> Value {
     serde_json::from_slice(&std::fs::read(path).unwrap()).unwrap()
 }

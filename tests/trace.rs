@@ -14,16 +14,6 @@ fn scratch(name: &str) -> PathBuf {
     scratch_dir("trace", name)
 }
 
-fn run_ok(args: &[&str]) -> std::process::Output {
-    let out = moe_edge_cmd().args(args).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 fn read_trace(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)
         .unwrap()

@@ -58,3 +58,24 @@ pub fn scratch_dir(tag: &str, name: &str) -> std::path::PathBuf {
     std::fs::create_dir_all(&dir).unwrap();
     dir
 }
+
+/// Runs `moe-edge ARGS`, asserts it succeeded (showing its stderr if not) and returns its output.
+pub fn run_ok(args: &[&str]) -> std::process::Output {
+    let out = moe_edge_cmd().args(args).output().expect("run moe-edge");
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// Runs `moe-edge ARGS`, asserts it failed with exit code 1 and without a panic, and returns its
+/// stderr (the error message).
+pub fn run_err(args: &[&str]) -> String {
+    let out = moe_edge_cmd().args(args).output().expect("run moe-edge");
+    let stderr = String::from_utf8_lossy(&out.stderr).to_string();
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+    stderr
+}
