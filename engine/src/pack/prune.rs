@@ -7,12 +7,12 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use super::file::PackFile;
-use super::format::{
-    align_up, Header, TensorKind, ENTRY_BYTES, HEADER_BYTES, NO_EXPERT, TENSOR_ALIGN,
-};
-use super::manifest::{Manifest, MANIFEST_FILE};
+use super::format::{align_up, TensorKind, ENTRY_BYTES, HEADER_BYTES, NO_EXPERT, TENSOR_ALIGN};
+use super::manifest::Manifest;
 use super::validate;
-use super::writer::OutputDir;
+use super::writer::{
+    copy_companions, finish_expert_file, layer_expert_bytes, write_manifest, OutputDir,
+};
 use crate::error::{Error, Result};
 use crate::files::ModelFiles;
 use crate::moe::ExpertMask;
@@ -146,49 +146,28 @@ fn write_pruned(
         file.write_all_at(&bytes, new.offset)
             .map_err(Error::io(&expert_path))?;
     }
-    let table: Vec<u8> = new_entries.iter().flat_map(|e| e.encode()).collect();
-    let header = Header {
-        alignment: alignment as u32,
-        entry_count: new_entries.len() as u32,
-        table_offset,
+    finish_expert_file(
+        &file,
+        &expert_path,
+        &new_entries,
+        alignment,
         data_offset,
         file_bytes,
-        table_crc32: crc32fast::hash(&table),
-    };
-    file.write_all_at(&header.encode(), 0)
-        .map_err(Error::io(&expert_path))?;
-    file.write_all_at(&table, table_offset)
-        .map_err(Error::io(&expert_path))?;
-    file.sync_all().map_err(Error::io(&expert_path))?;
+    )?;
 
     let mut new_manifest = manifest.clone();
     for (li, l) in new_manifest.layers.iter_mut().enumerate() {
         l.pruned = pruned[li].clone();
-        l.expert_file_bytes = new_entries
-            .iter()
-            .filter(|e| {
-                e.layer == li as u32 && e.expert != NO_EXPERT && e.kind != TensorKind::Dense
-            })
-            .map(|e| e.length)
-            .sum();
+        l.expert_file_bytes = layer_expert_bytes(&new_entries, li);
     }
-    let manifest_path = out.join(MANIFEST_FILE);
-    std::fs::write(
-        &manifest_path,
-        serde_json::to_string_pretty(&new_manifest).expect("manifest serialises"),
-    )
-    .map_err(Error::io(&manifest_path))?;
-    for name in ["model.onnx", "model.onnx.data"]
-        .into_iter()
-        .chain(crate::files::COMPANION_FILES)
-    {
-        let p = files.dir.join(name);
-        if p.is_file() {
-            let bytes = std::fs::read(&p).map_err(Error::io(&p))?;
-            let dst = out.join(name);
-            std::fs::write(&dst, bytes).map_err(Error::io(&dst))?;
-        }
-    }
+    write_manifest(out, &new_manifest)?;
+    copy_companions(
+        files,
+        ["model.onnx", "model.onnx.data"]
+            .into_iter()
+            .chain(crate::files::COMPANION_FILES),
+        out,
+    )?;
     Ok(PruneSummary {
         out_dir: out.to_path_buf(),
         experts_before: manifest

@@ -317,20 +317,14 @@ fn write_pack(
         }
         progress(done + 1, groups);
     }
-    let table: Vec<u8> = entries.iter().flat_map(|e| e.encode()).collect();
-    let header = Header {
-        alignment: opts.alignment as u32,
-        entry_count: count as u32,
-        table_offset,
+    finish_expert_file(
+        &file,
+        &expert_path,
+        &entries,
+        opts.alignment,
         data_offset,
         file_bytes,
-        table_crc32: crc32fast::hash(&table),
-    };
-    file.write_all_at(&header.encode(), 0)
-        .map_err(Error::io(&expert_path))?;
-    file.write_all_at(&table, table_offset)
-        .map_err(Error::io(&expert_path))?;
-    file.sync_all().map_err(Error::io(&expert_path))?;
+    )?;
 
     // 3. the graph, with each MoE node naming its manifest layer
     write_packed_graph(&imported, &dense_layers, &files.dir, out)?;
@@ -347,13 +341,7 @@ fn write_pack(
                 .get(li)
                 .map(|b| b.form.to_string())
                 .unwrap_or_default(),
-            expert_file_bytes: entries
-                .iter()
-                .filter(|e| {
-                    e.layer == li as u32 && e.expert != NO_EXPERT && e.kind != TensorKind::Dense
-                })
-                .map(|e| e.length)
-                .sum(),
+            expert_file_bytes: layer_expert_bytes(&entries, li),
             pruned: vec![],
         })
         .collect();
@@ -376,20 +364,8 @@ fn write_pack(
             })
             .collect(),
     };
-    let manifest_path = out.join(MANIFEST_FILE);
-    std::fs::write(
-        &manifest_path,
-        serde_json::to_string_pretty(&manifest).expect("manifest serialises"),
-    )
-    .map_err(Error::io(&manifest_path))?;
-    for name in crate::files::COMPANION_FILES {
-        if let Some(p) = files.sibling(name) {
-            // a new file with the default permissions, not a copy of the source's mode bits
-            let bytes = std::fs::read(&p).map_err(Error::io(&p))?;
-            let dst = out.join(name);
-            std::fs::write(&dst, bytes).map_err(Error::io(&dst))?;
-        }
-    }
+    write_manifest(out, &manifest)?;
+    copy_companions(files, crate::files::COMPANION_FILES, out)?;
     Ok(PackSummary {
         out_dir: out.to_path_buf(),
         layers: imported.layers.len(),
@@ -400,6 +376,68 @@ fn write_pack(
             .filter(|e| e.format == TensorFormat::Q8F32Scales)
             .count(),
     })
+}
+
+/// Writes the table and the header of an expert file whose tensors are written (the table at
+/// [`HEADER_BYTES`], `entries` in file order) and syncs the file.
+pub(super) fn finish_expert_file(
+    file: &File,
+    path: &Path,
+    entries: &[Entry],
+    alignment: u64,
+    data_offset: u64,
+    file_bytes: u64,
+) -> Result<()> {
+    let table: Vec<u8> = entries.iter().flat_map(|e| e.encode()).collect();
+    let header = Header {
+        alignment: alignment as u32,
+        entry_count: entries.len() as u32,
+        table_offset: HEADER_BYTES as u64,
+        data_offset,
+        file_bytes,
+        table_crc32: crc32fast::hash(&table),
+    };
+    file.write_all_at(&header.encode(), 0)
+        .map_err(Error::io(path))?;
+    file.write_all_at(&table, HEADER_BYTES as u64)
+        .map_err(Error::io(path))?;
+    file.sync_all().map_err(Error::io(path))
+}
+
+/// Bytes the routed experts of manifest layer `layer` take in the expert file.
+pub(super) fn layer_expert_bytes(entries: &[Entry], layer: usize) -> u64 {
+    entries
+        .iter()
+        .filter(|e| e.layer == layer as u32 && e.expert != NO_EXPERT && e.kind != TensorKind::Dense)
+        .map(|e| e.length)
+        .sum()
+}
+
+/// Copies the files `names` that sit next to the model into `out`.
+pub(super) fn copy_companions<'a>(
+    files: &ModelFiles,
+    names: impl IntoIterator<Item = &'a str>,
+    out: &Path,
+) -> Result<()> {
+    for name in names {
+        if let Some(p) = files.sibling(name) {
+            // a new file with the default permissions, not a copy of the source's mode bits
+            let bytes = std::fs::read(&p).map_err(Error::io(&p))?;
+            let dst = out.join(name);
+            std::fs::write(&dst, bytes).map_err(Error::io(&dst))?;
+        }
+    }
+    Ok(())
+}
+
+/// Writes `manifest.json` into the pack directory `out`.
+pub(super) fn write_manifest(out: &Path, manifest: &Manifest) -> Result<()> {
+    let path = out.join(MANIFEST_FILE);
+    std::fs::write(
+        &path,
+        serde_json::to_string_pretty(manifest).expect("manifest serialises"),
+    )
+    .map_err(Error::io(&path))
 }
 
 fn planned(
