@@ -152,24 +152,10 @@ impl ExpertMask {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::moe::profile::{LayerUsage, Ratio};
+    use crate::moe::profile::LayerUsage;
 
     fn layer(layer: usize, chosen: Vec<u64>) -> LayerUsage {
-        let n = chosen.len();
-        LayerUsage {
-            layer,
-            tokens: chosen.iter().sum::<u64>() / 2,
-            weight_sum: vec![0.0; n],
-            token_share: vec![0.0; n],
-            slot_share: vec![0.0; n],
-            mean_weight: vec![0.0; n],
-            entropy_bits: 0.0,
-            max_entropy_bits: 0.0,
-            coactivation: vec![vec![0; n]; n],
-            reuse: Ratio::default(),
-            predicted: None,
-            chosen,
-        }
+        LayerUsage::with_counts(layer, chosen)
     }
 
     #[test]

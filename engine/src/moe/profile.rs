@@ -201,6 +201,26 @@ impl ProfiledLayer {
 }
 
 impl LayerUsage {
+    /// A layer's usage with only the counts of tokens per expert set (for tests of what reads them).
+    #[cfg(test)]
+    pub(crate) fn with_counts(layer: usize, chosen: Vec<u64>) -> Self {
+        let n = chosen.len();
+        LayerUsage {
+            layer,
+            tokens: 0,
+            weight_sum: vec![0.0; n],
+            token_share: vec![0.0; n],
+            slot_share: vec![0.0; n],
+            mean_weight: vec![0.0; n],
+            entropy_bits: 0.0,
+            max_entropy_bits: 0.0,
+            coactivation: vec![vec![0; n]; n],
+            reuse: Ratio::default(),
+            predicted: None,
+            chosen,
+        }
+    }
+
     /// Experts from most to least used (slots), lower index first on ties.
     pub fn ranked(&self) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.chosen.len()).collect();

@@ -927,21 +927,13 @@ fn hot_experts_from_a_profile_stay_in_the_cache() {
     let each = model.ops.moe[0].experts.loaded_bytes(0).unwrap();
     // a profile where expert e of layer b was chosen by 100 * (b + 1) + e tokens: the most used
     // are layer 1's, highest index first
-    let layer = |b: usize| crate::moe::LayerUsage {
-        layer: model.ops.moe[b].spec.layer,
-        tokens: 0,
-        chosen: (0..experts as u64)
-            .map(|e| 100 * (b as u64 + 1) + e)
-            .collect(),
-        weight_sum: vec![0.0; experts],
-        token_share: vec![0.0; experts],
-        slot_share: vec![0.0; experts],
-        mean_weight: vec![0.0; experts],
-        entropy_bits: 0.0,
-        max_entropy_bits: 0.0,
-        coactivation: vec![vec![0; experts]; experts],
-        reuse: Default::default(),
-        predicted: None,
+    let layer = |b: usize| {
+        crate::moe::LayerUsage::with_counts(
+            model.ops.moe[b].spec.layer,
+            (0..experts as u64)
+                .map(|e| 100 * (b as u64 + 1) + e)
+                .collect(),
+        )
     };
     let usage = crate::moe::Usage {
         tokens: 0,
