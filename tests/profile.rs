@@ -163,6 +163,25 @@ fn the_profile_counts_torchs_routing() {
         assert!((mine["entropy_bits"].as_f64().unwrap() - h).abs() < 1e-9);
         assert_eq!(mine["predicted"].is_null(), l == 0, "layer {l}");
     }
+    // --max-tokens routes only the first tokens of each file
+    let short = dir.join("short.json");
+    run_ok(&[
+        "profile",
+        "-m",
+        tiny.to_str().unwrap(),
+        "-f",
+        text.to_str().unwrap(),
+        "--max-tokens",
+        "10",
+        "-o",
+        short.to_str().unwrap(),
+    ]);
+    let short = read_json(&short);
+    assert_eq!(short["overall"]["tokens"], 10);
+    assert_eq!(
+        short["labels"][0]["label"], "kit",
+        "labelled by the file's name"
+    );
     for svg in ["usage.svg", "usage-by-label.svg", "locality.svg"] {
         let body = std::fs::read_to_string(plots.join(svg)).unwrap();
         assert!(body.starts_with("<svg") && body.contains("<rect"), "{svg}");
@@ -255,6 +274,49 @@ fn prune_and_static_routing_only_run_the_profiles_experts() {
             .collect();
         let want: BTreeSet<u64> = order[l][4..].iter().copied().collect();
         assert_eq!(got, want, "layer {l}: the 4 least used are gone");
+    }
+    // --keep-share: per layer, the fewest most used experts whose slots reach the share
+    let by_share = dir.join("by-share");
+    run_ok(&[
+        "prune",
+        pack.to_str().unwrap(),
+        "--profile",
+        profile.to_str().unwrap(),
+        "--label",
+        "kit",
+        "--keep-share",
+        "0.6",
+        "-o",
+        by_share.to_str().unwrap(),
+    ]);
+    let p = read_json(&profile);
+    for (l, layer) in read_json(&by_share.join("manifest.json"))["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .enumerate()
+    {
+        let chosen: Vec<u64> = p["labels"][0]["usage"]["layers"][l]["chosen"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        let total: u64 = chosen.iter().sum();
+        let (mut reached, mut keep) = (0, 0);
+        while (reached as f64) < 0.6 * total as f64 {
+            reached += chosen[order[l][keep] as usize];
+            keep += 1;
+        }
+        let keep = keep.max(2);
+        let got: BTreeSet<u64> = layer["pruned"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
+        let want: BTreeSet<u64> = order[l][keep..].iter().copied().collect();
+        assert_eq!(got, want, "layer {l}: keep {keep} for 60% of the slots");
     }
     let size = |p: &Path| std::fs::metadata(p.join("experts.bin")).unwrap().len();
     assert!(
