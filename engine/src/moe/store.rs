@@ -37,9 +37,6 @@ pub trait ExpertStore: Send + Sync + Debug {
         let _ = index;
         None
     }
-
-    /// The expert `index` as f32 matrices (dequantised if stored quantised), for repacking.
-    fn to_dense(&self, index: usize) -> Result<DenseExpert>;
 }
 
 /// The always-on shared expert of Qwen2-MoE style blocks, scaled by `sigmoid(x . gate)`.
@@ -80,9 +77,5 @@ impl ExpertStore for F32ExpertStore {
 
     fn expert(&self, index: usize) -> Result<Arc<dyn ExpertFfn>> {
         Ok(self.get(index)?.clone() as Arc<dyn ExpertFfn>)
-    }
-
-    fn to_dense(&self, index: usize) -> Result<DenseExpert> {
-        Ok((**self.get(index)?).clone())
     }
 }

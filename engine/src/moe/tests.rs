@@ -76,9 +76,6 @@ impl ExpertStore for RecordingStore {
     fn prefetch(&self, experts: &[usize]) {
         self.prefetched.lock().unwrap().extend_from_slice(experts);
     }
-    fn to_dense(&self, index: usize) -> Result<DenseExpert> {
-        self.inner.to_dense(index)
-    }
 }
 
 /// Each token's (expert, weight) choices.

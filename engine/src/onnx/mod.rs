@@ -19,9 +19,9 @@ pub(crate) mod tensors;
 
 pub(crate) use detect::DetectOptions;
 pub(crate) use graph::check_node_arity;
-pub(crate) use rewrite::import_model;
 #[cfg(test)]
 pub(crate) use rewrite::ImportedModel;
+pub(crate) use rewrite::{import_graph, import_model};
 pub(crate) use tensors::check_constant_tensors;
 
 /// Domain of moe-edge's node types in rewritten graphs.

@@ -10,7 +10,7 @@ use tract_onnx::pb::{tensor_proto::DataLocation, StringStringEntryProto};
 
 use super::graph::GraphIndex;
 use super::rewrite::ImportedModel;
-use super::tensors::{load_f32, transpose};
+use super::tensors::{load_f32, transpose, ExternalData};
 use super::{moe_edge_node, LINEAR_OP_TYPE};
 use crate::error::{Error, Result};
 
@@ -22,15 +22,20 @@ pub(crate) struct LinearCandidate {
     pub initializer: String,
     pub in_features: usize,
     pub out_features: usize,
-    /// `[out, in]`
-    pub weight_out_in: Vec<f32>,
+}
+
+impl LinearCandidate {
+    /// The weight as `[out, in]`, read from the graph when asked (one layer at a time).
+    pub(crate) fn weight_out_in(&self, imported: &ImportedModel, dir: &Path) -> Result<Vec<f32>> {
+        let graph = imported.proto.graph.as_ref().expect("imported graph");
+        let g = GraphIndex::new(graph);
+        let (_, w) = load_f32(&g, &self.initializer, Some(dir))?;
+        Ok(transpose(&w, self.in_features, self.out_features))
+    }
 }
 
 /// Every MatMul by a 2D f32 initializer used by no other node, with both sides at least 32 wide.
-pub(crate) fn constant_matmuls(
-    imported: &ImportedModel,
-    dir: &Path,
-) -> Result<Vec<LinearCandidate>> {
+pub(crate) fn constant_matmuls(imported: &ImportedModel) -> Vec<LinearCandidate> {
     let graph = imported.proto.graph.as_ref().expect("imported graph");
     let g = GraphIndex::new(graph);
     let mut found = vec![];
@@ -50,17 +55,15 @@ pub(crate) fn constant_matmuls(
             continue;
         }
         let (in_f, out_f) = (init.dims[0] as usize, init.dims[1] as usize);
-        let (_, w) = load_f32(&g, &node.input[1], Some(dir))?;
         found.push(LinearCandidate {
             output: node.output[0].clone(),
             input: node.input[0].clone(),
             initializer: node.input[1].clone(),
             in_features: in_f,
             out_features: out_f,
-            weight_out_in: transpose(&w, in_f, out_f),
         });
     }
-    Ok(found)
+    found
 }
 
 /// Writes the graph of a packed model to `out/model.onnx`: the imported graph (whose MoE nodes
@@ -103,35 +106,41 @@ pub(crate) fn write_packed_graph(
         if t.data_location != Some(DataLocation::External as i32) {
             continue;
         }
-        let kv = |k: &str| {
-            t.external_data
-                .iter()
-                .find(|e| e.key == k)
-                .map(|e| e.value.clone())
-        };
-        let location = kv("location").ok_or_else(|| {
-            Error::UnsupportedGraph(format!(
-                "initializer '{}' has external data without a location",
-                t.name
-            ))
-        })?;
-        let offset: u64 = kv("offset").and_then(|v| v.parse().ok()).unwrap_or(0);
-        let src = src_dir.join(&location);
+        let ext = ExternalData::of(t, Some(src_dir))?;
+        let src = ext.path;
         let f = File::open(&src).map_err(Error::io(&src))?;
-        let length: u64 = match kv("length").and_then(|v| v.parse().ok()) {
+        let length: u64 = match ext.length {
             Some(l) => l,
-            None => f.metadata().map_err(Error::io(&src))?.len() - offset,
+            None => f
+                .metadata()
+                .map_err(Error::io(&src))?
+                .len()
+                .checked_sub(ext.offset)
+                .ok_or_else(|| {
+                    Error::UnsupportedGraph(format!(
+                        "initializer '{}': external data offset {} is past the end of {}",
+                        t.name,
+                        ext.offset,
+                        src.display()
+                    ))
+                })?,
         };
-        let mut bytes = vec![0u8; length as usize];
-        f.read_exact_at(&mut bytes, offset)
-            .map_err(Error::io(&src))?;
         let dst = match &mut data {
             Some(d) => d,
             None => data.insert(File::create(&data_path).map_err(Error::io(&data_path))?),
         };
         let at = align_up(data_len, 4096);
-        dst.write_all_at(&bytes, at)
-            .map_err(Error::io(&data_path))?;
+        // in pieces: an embedding table can be hundreds of MB
+        let mut buf = vec![0u8; (length as usize).min(8 << 20)];
+        let mut copied = 0u64;
+        while copied < length {
+            let n = buf.len().min((length - copied) as usize);
+            f.read_exact_at(&mut buf[..n], ext.offset + copied)
+                .map_err(Error::io(&src))?;
+            dst.write_all_at(&buf[..n], at + copied)
+                .map_err(Error::io(&data_path))?;
+            copied += n as u64;
+        }
         data_len = at + length;
         t.external_data = vec![
             StringStringEntryProto {

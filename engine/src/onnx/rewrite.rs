@@ -30,8 +30,45 @@ pub(crate) struct ImportedModel {
     pub removed_initializers: usize,
 }
 
-/// Reads an ONNX file and replaces its MoE blocks (unless `opts.literal`).
+/// Reads an ONNX file and replaces its MoE blocks (unless `opts.literal`), with every block's
+/// weights loaded into its layer.
 pub(crate) fn import_model(path: &Path, opts: DetectOptions) -> Result<ImportedModel> {
+    let (mut imported, weights) = import_graph(path, opts)?;
+    let g = weights.index();
+    imported.layers = imported
+        .blocks
+        .iter()
+        .enumerate()
+        .map(|(index, b)| load_layer(&g, b, index, weights.dir()).map(Arc::new))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(imported)
+}
+
+/// The initializers the replaced blocks' weights are in, taken out of the graph (and the
+/// model's directory, for external data): read a block, or an expert, at a time with
+/// [`super::load::BlockWeights`].
+#[derive(Debug)]
+pub(crate) struct BlockInitializers {
+    graph: GraphProto,
+    dir: Option<std::path::PathBuf>,
+}
+
+impl BlockInitializers {
+    pub(crate) fn index(&self) -> GraphIndex<'_> {
+        GraphIndex::new(&self.graph)
+    }
+
+    pub(crate) fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+}
+
+/// [`import_model`] without loading the blocks' weights: the rewritten graph (`layers` is
+/// empty) and the initializers the blocks' weights are in.
+pub(crate) fn import_graph(
+    path: &Path,
+    opts: DetectOptions,
+) -> Result<(ImportedModel, BlockInitializers)> {
     let load_err = |reason: String| Error::ModelLoad {
         path: path.to_path_buf(),
         reason,
@@ -73,23 +110,38 @@ pub(crate) fn import_model(path: &Path, opts: DetectOptions) -> Result<ImportedM
     }
     let dir = path.parent();
 
-    let (detection, layers) = {
-        let g = GraphIndex::new(graph);
-        if opts.literal {
-            (Default::default(), vec![])
-        } else {
-            let detection = detect_blocks(&g, opts)?;
-            let layers = detection
-                .blocks
-                .iter()
-                .enumerate()
-                .map(|(index, b)| load_layer(&g, b, index, dir).map(Arc::new))
-                .collect::<Result<Vec<_>>>()?;
-            (detection, layers)
-        }
+    let detection = if opts.literal {
+        Default::default()
+    } else {
+        detect_blocks(&GraphIndex::new(graph), opts)?
     };
+    let used: HashSet<String> = detection
+        .blocks
+        .iter()
+        .flat_map(block_initializers)
+        .collect();
     let graph = proto.graph.as_mut().expect("checked above");
-    let removed_initializers = replace_blocks(graph, &detection.blocks);
+    let removed = replace_blocks(graph, &detection.blocks);
+    let removed_initializers = removed.len();
+    // the blocks' weights: those that left the graph move, those it still uses are copied
+    let mut kept: Vec<_> = removed
+        .into_iter()
+        .filter(|t| used.contains(&t.name))
+        .collect();
+    kept.extend(
+        graph
+            .initializer
+            .iter()
+            .filter(|t| used.contains(&t.name))
+            .cloned(),
+    );
+    let weights = BlockInitializers {
+        graph: GraphProto {
+            initializer: kept,
+            ..Default::default()
+        },
+        dir: dir.map(Path::to_path_buf),
+    };
     if !detection.blocks.is_empty() {
         proto.opset_import.push(OperatorSetIdProto {
             domain: MOE_OP_DOMAIN.into(),
@@ -111,20 +163,42 @@ pub(crate) fn import_model(path: &Path, opts: DetectOptions) -> Result<ImportedM
             }
         );
     }
-    Ok(ImportedModel {
-        proto,
-        blocks: detection.blocks,
-        layers,
-        fallbacks: detection.fallbacks,
-        removed_initializers,
-    })
+    Ok((
+        ImportedModel {
+            proto,
+            blocks: detection.blocks,
+            layers: vec![],
+            fallbacks: detection.fallbacks,
+            removed_initializers,
+        },
+        weights,
+    ))
+}
+
+/// Names of the initializers a block's weights are read from.
+fn block_initializers(b: &BlockDescription) -> Vec<String> {
+    let t = &b.experts;
+    let mut names = vec![b.router.weight.clone(), t.gate_up.clone(), t.down.clone()];
+    names.extend(b.router_bias.iter().cloned());
+    if let Some(bt) = &t.bias {
+        names.extend([bt.gate_up.clone(), bt.down.clone()]);
+    }
+    if let Some(r) = &b.shared {
+        for l in [&r.gate_proj, &r.up_proj, &r.down_proj, &r.gate] {
+            names.push(l.weight.clone());
+        }
+    }
+    names
 }
 
 /// Puts one sparse-op node in place of each block's output node (block i gets `index` i), then
-/// drops dead nodes and unused initializers. Returns how many initializers were dropped.
-fn replace_blocks(graph: &mut GraphProto, blocks: &[BlockDescription]) -> usize {
+/// drops dead nodes and unused initializers. Returns the initializers dropped.
+fn replace_blocks(
+    graph: &mut GraphProto,
+    blocks: &[BlockDescription],
+) -> Vec<tract_onnx::pb::TensorProto> {
     if blocks.is_empty() {
-        return 0;
+        return vec![];
     }
     for (index, b) in blocks.iter().enumerate() {
         let pos = graph
@@ -156,16 +230,13 @@ fn replace_blocks(graph: &mut GraphProto, blocks: &[BlockDescription]) -> usize 
     }
     let mut k = keep.into_iter();
     graph.node.retain(|_| k.next().unwrap());
-    let mut removed = HashSet::new();
-    graph.initializer.retain(|t| {
-        let used = live.contains(&t.name);
-        if !used {
-            removed.insert(t.name.clone());
-        }
-        used
-    });
-    graph.input.retain(|i| !removed.contains(&i.name));
-    removed.len()
+    let (kept, removed): (Vec<_>, Vec<_>) = std::mem::take(&mut graph.initializer)
+        .into_iter()
+        .partition(|t| live.contains(&t.name));
+    graph.initializer = kept;
+    let names: HashSet<&str> = removed.iter().map(|t| t.name.as_str()).collect();
+    graph.input.retain(|i| !names.contains(i.name.as_str()));
+    removed
 }
 
 fn collect_subgraph_inputs(g: &GraphProto, live: &mut HashSet<String>) {

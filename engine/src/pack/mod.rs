@@ -359,17 +359,4 @@ impl ExpertStore for PackLayerStore {
     fn loaded_bytes(&self, index: usize) -> Option<u64> {
         self.sizes.get(index).copied()
     }
-
-    fn to_dense(&self, index: usize) -> Result<DenseExpert> {
-        self.check_not_pruned(index)?;
-        let e = index as u32;
-        let read = |k| -> Result<(Vec<f32>, &Entry)> {
-            let entry = self.file.entry(self.layer, Some(e), k)?;
-            Ok((read_f32(&self.file, entry)?, entry))
-        };
-        let (gate, ge) = read(TensorKind::Gate)?;
-        let (up, _) = read(TensorKind::Up)?;
-        let (down, _) = read(TensorKind::Down)?;
-        DenseExpert::silu_gated(ge.cols as usize, ge.rows as usize, gate, up, down)
-    }
 }

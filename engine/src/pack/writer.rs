@@ -21,10 +21,10 @@ use crate::files::ModelFiles;
 use crate::kernels::q4::{q4_bytes, quantize_q4};
 use crate::kernels::q8::{q8_bytes, quantize, scale_type_for, ScaleType};
 use crate::kernels::BLOCK;
-use crate::moe::expert::DenseExpert;
 use crate::moe::Activation;
+use crate::onnx::load::BlockWeights;
 use crate::onnx::pack_graph::{constant_matmuls, write_packed_graph};
-use crate::onnx::{import_model, DetectOptions};
+use crate::onnx::{import_graph, DetectOptions};
 
 /// Default alignment of each expert: a multiple of 4 KiB, 16 KiB (Raspberry Pi 5) and
 /// 64 KiB page kernels.
@@ -68,10 +68,51 @@ pub struct PackSummary {
     pub tensors_with_f32_scales: usize,
 }
 
-/// A tensor to write: its table entry (offset filled by the layout) and its f32 values.
+/// A tensor to write: its table entry (offset filled when it is placed) and its f32 values.
 struct Planned<'a> {
     entry: Entry,
-    values: std::borrow::Cow<'a, [f32]>,
+    values: &'a [f32],
+}
+
+/// The expert file being written: tensors placed one after the other from `cursor`, each group
+/// (a dense layer, a layer's router and shared expert, an expert) at an `alignment` boundary,
+/// each tensor at a [`TENSOR_ALIGN`] one.
+struct TensorSink<'a> {
+    file: &'a File,
+    path: &'a Path,
+    alignment: u64,
+    cursor: u64,
+    entries: Vec<Entry>,
+    groups_done: usize,
+    groups: usize,
+    progress: &'a mut dyn FnMut(usize, usize),
+}
+
+impl TensorSink<'_> {
+    fn group(&mut self, group: Vec<Planned>) -> Result<()> {
+        self.cursor = align_up(self.cursor, self.alignment);
+        for t in group {
+            let mut entry = t.entry;
+            self.cursor = align_up(self.cursor, TENSOR_ALIGN);
+            let bytes = encode(
+                t.values,
+                entry.format,
+                entry.rows as usize,
+                entry.cols as usize,
+            );
+            debug_assert_eq!(bytes.len() as u64, entry.length);
+            entry.offset = self.cursor;
+            entry.crc32 = crc32fast::hash(&bytes);
+            self.file
+                .write_all_at(&bytes, entry.offset)
+                .map_err(Error::io(self.path))?;
+            self.cursor += entry.length;
+            self.entries.push(entry);
+        }
+        self.groups_done += 1;
+        (self.progress)(self.groups_done, self.groups);
+        Ok(())
+    }
 }
 
 /// Packs the model at `src` into `out`.
@@ -114,14 +155,14 @@ fn write_pack(
     opts: &PackOptions,
     progress: &mut dyn FnMut(usize, usize),
 ) -> Result<PackSummary> {
-    let imported = import_model(
+    let (imported, weights) = import_graph(
         &files.onnx,
         DetectOptions {
             dense_fallback: opts.dense_fallback,
             literal: false,
         },
     )?;
-    if imported.layers.is_empty() {
+    if imported.blocks.is_empty() {
         return Err(Error::UnsupportedGraph(format!(
             "{}: no MoE block to pack",
             files.onnx.display()
@@ -145,9 +186,9 @@ fn write_pack(
         }
         for (layer, experts) in mask.layers() {
             let spec = imported
-                .layers
+                .blocks
                 .iter()
-                .map(|l| &l.spec)
+                .map(|b| &b.spec)
                 .find(|s| s.layer == layer)
                 .ok_or_else(|| {
                     Error::InvalidInput(format!("int4 experts: the model has no MoE layer {layer}"))
@@ -161,43 +202,67 @@ fn write_pack(
         }
     }
 
-    // 1. experts as f32, then the table: every tensor with its format and shape
-    let mut dense: Vec<Vec<DenseExpert>> = vec![];
-    for layer in &imported.layers {
-        dense.push(
-            (0..layer.spec.experts)
-                .map(|e| layer.experts.to_dense(e))
-                .collect::<Result<_>>()?,
-        );
-    }
+    // 1. the expert file, written as it is read: one dense layer or one expert in memory at a
+    // time. The table's size is known from the shapes; each tensor's format (and so its
+    // length) only once its values are, so tensors are placed one after the other and the
+    // table and header are written last.
     let dense_layers = if opts.dense_int8 {
-        constant_matmuls(&imported, &files.dir)?
+        constant_matmuls(&imported)
     } else {
         vec![]
     };
-    let mut plan: Vec<Vec<Planned>> = vec![]; // groups placed at `alignment` boundaries
+    let count = dense_layers.len()
+        + imported
+            .blocks
+            .iter()
+            .map(|b| 1 + 3 * b.spec.experts + if b.shared.is_some() { 4 } else { 0 })
+            .sum::<usize>();
+    let groups = dense_layers.len()
+        + imported
+            .blocks
+            .iter()
+            .map(|b| 1 + b.spec.experts)
+            .sum::<usize>();
+    let data_offset = align_up(
+        HEADER_BYTES as u64 + (count * ENTRY_BYTES) as u64,
+        opts.alignment,
+    );
+    let expert_path = out.join(EXPERT_FILE);
+    let file = File::create(&expert_path).map_err(Error::io(&expert_path))?;
+    let mut sink = TensorSink {
+        file: &file,
+        path: &expert_path,
+        alignment: opts.alignment,
+        cursor: data_offset,
+        entries: Vec::with_capacity(count),
+        groups_done: 0,
+        groups,
+        progress,
+    };
+    let int8 = PackOptions {
+        experts: ExpertFormat::Int8,
+        ..opts.clone()
+    };
     for (di, d) in dense_layers.iter().enumerate() {
-        let format = fmt(
-            &PackOptions {
-                experts: ExpertFormat::Int8,
-                ..opts.clone()
-            },
-            &d.weight_out_in,
-            d.in_features,
-        );
-        plan.push(vec![planned(
+        let w = d.weight_out_in(&imported, &files.dir)?;
+        let format = fmt(&int8, &w, d.in_features);
+        sink.group(vec![planned(
             di as u32,
             NO_EXPERT,
             TensorKind::Dense,
             format,
             d.out_features,
             d.in_features,
-            &d.weight_out_in,
-        )]);
+            &w,
+        )])?;
     }
-    for (li, layer) in imported.layers.iter().enumerate() {
+    let block_index = weights.index();
+    for (li, b) in imported.blocks.iter().enumerate() {
+        let source = BlockWeights::new(&block_index, b, weights.dir())?;
         let li = li as u32;
-        let (h, e_count) = (layer.spec.hidden, layer.spec.experts);
+        let (h, e_count) = (b.spec.hidden, b.spec.experts);
+        let router = source.router()?;
+        let shared = source.shared()?;
         let mut layer_group = vec![planned(
             li,
             NO_EXPERT,
@@ -205,37 +270,25 @@ fn write_pack(
             TensorFormat::F32,
             e_count,
             h,
-            &layer.router.weights,
+            &router,
         )];
-        if let Some(s) = &layer.shared {
+        if let Some(s) = &shared {
             let f = s.ffn.ffn();
-            layer_group.push(planned(
-                li,
-                NO_EXPERT,
-                TensorKind::SharedGateProj,
-                shared_fmt(opts, &s.ffn.gate.values, h),
-                f,
-                h,
-                &s.ffn.gate.values,
-            ));
-            layer_group.push(planned(
-                li,
-                NO_EXPERT,
-                TensorKind::SharedUpProj,
-                shared_fmt(opts, &s.ffn.up.values, h),
-                f,
-                h,
-                &s.ffn.up.values,
-            ));
-            layer_group.push(planned(
-                li,
-                NO_EXPERT,
-                TensorKind::SharedDownProj,
-                shared_fmt(opts, &s.ffn.down.values, f),
-                h,
-                f,
-                &s.ffn.down.values,
-            ));
+            for (kind, m, rows, cols) in [
+                (TensorKind::SharedGateProj, &s.ffn.gate.values, f, h),
+                (TensorKind::SharedUpProj, &s.ffn.up.values, f, h),
+                (TensorKind::SharedDownProj, &s.ffn.down.values, h, f),
+            ] {
+                layer_group.push(planned(
+                    li,
+                    NO_EXPERT,
+                    kind,
+                    shared_fmt(opts, m, cols),
+                    rows,
+                    cols,
+                    m,
+                ));
+            }
             layer_group.push(planned(
                 li,
                 NO_EXPERT,
@@ -246,77 +299,28 @@ fn write_pack(
                 &s.gate,
             ));
         }
-        plan.push(layer_group);
-        for (e, x) in dense[li as usize].iter().enumerate() {
-            let e = e as u32;
+        sink.group(layer_group)?;
+        for e in 0..e_count {
+            let x = source.expert(e)?;
             let f = x.ffn();
-            plan.push(vec![
-                planned(
-                    li,
-                    e,
-                    TensorKind::Gate,
-                    expert_fmt(opts, layer.spec.layer, e as usize, &x.gate.values, h),
-                    f,
-                    h,
-                    &x.gate.values,
-                ),
-                planned(
-                    li,
-                    e,
-                    TensorKind::Up,
-                    expert_fmt(opts, layer.spec.layer, e as usize, &x.up.values, h),
-                    f,
-                    h,
-                    &x.up.values,
-                ),
-                planned(
-                    li,
-                    e,
-                    TensorKind::Down,
-                    expert_fmt(opts, layer.spec.layer, e as usize, &x.down.values, f),
-                    h,
-                    f,
-                    &x.down.values,
-                ),
-            ]);
+            let group = [
+                (TensorKind::Gate, &x.gate.values, f, h),
+                (TensorKind::Up, &x.up.values, f, h),
+                (TensorKind::Down, &x.down.values, h, f),
+            ]
+            .into_iter()
+            .map(|(kind, m, rows, cols)| {
+                let format = expert_fmt(opts, b.spec.layer, e, m, cols);
+                planned(li, e as u32, kind, format, rows, cols, m)
+            })
+            .collect();
+            sink.group(group)?;
         }
     }
-    let count: usize = plan.iter().map(|g| g.len()).sum();
-    let table_offset = HEADER_BYTES as u64;
-    let data_offset = align_up(table_offset + (count * ENTRY_BYTES) as u64, opts.alignment);
-    let mut cursor = data_offset;
-    for group in plan.iter_mut() {
-        cursor = align_up(cursor, opts.alignment);
-        for t in group.iter_mut() {
-            cursor = align_up(cursor, TENSOR_ALIGN);
-            t.entry.offset = cursor;
-            cursor += t.entry.length;
-        }
-    }
-    let file_bytes = cursor;
-
-    // 2. the expert file
-    let expert_path = out.join(EXPERT_FILE);
-    let file = File::create(&expert_path).map_err(Error::io(&expert_path))?;
+    let file_bytes = sink.cursor;
+    let entries = sink.entries;
+    debug_assert_eq!(entries.len(), count);
     file.set_len(file_bytes).map_err(Error::io(&expert_path))?;
-    let groups = plan.len();
-    let mut entries = Vec::with_capacity(count);
-    for (done, group) in plan.iter_mut().enumerate() {
-        for t in group.iter_mut() {
-            let bytes = encode(
-                &t.values,
-                t.entry.format,
-                t.entry.rows as usize,
-                t.entry.cols as usize,
-            );
-            debug_assert_eq!(bytes.len() as u64, t.entry.length);
-            t.entry.crc32 = crc32fast::hash(&bytes);
-            file.write_all_at(&bytes, t.entry.offset)
-                .map_err(Error::io(&expert_path))?;
-            entries.push(t.entry.clone());
-        }
-        progress(done + 1, groups);
-    }
     finish_expert_file(
         &file,
         &expert_path,
@@ -331,16 +335,12 @@ fn write_pack(
 
     // 4. manifest and companions
     let layers = imported
-        .layers
+        .blocks
         .iter()
         .enumerate()
-        .map(|(li, l)| PackLayer {
-            spec: l.spec.clone(),
-            form: imported
-                .blocks
-                .get(li)
-                .map(|b| b.form.to_string())
-                .unwrap_or_default(),
+        .map(|(li, b)| PackLayer {
+            spec: b.spec.clone(),
+            form: b.form.to_string(),
             expert_file_bytes: layer_expert_bytes(&entries, li),
             pruned: vec![],
         })
@@ -368,8 +368,8 @@ fn write_pack(
     copy_companions(files, crate::files::COMPANION_FILES, out)?;
     Ok(PackSummary {
         out_dir: out.to_path_buf(),
-        layers: imported.layers.len(),
-        experts: dense.iter().map(|d| d.len()).sum(),
+        layers: imported.blocks.len(),
+        experts: imported.blocks.iter().map(|b| b.spec.experts).sum(),
         expert_file_bytes: file_bytes,
         tensors_with_f32_scales: entries
             .iter()
@@ -462,7 +462,7 @@ fn planned(
             length,
             crc32: 0,
         },
-        values: values.into(),
+        values,
     }
 }
 
