@@ -1,6 +1,7 @@
 //! Command-line interface: argument definitions and one module per subcommand.
 
 pub mod bench;
+pub mod cache_sim;
 pub mod chat;
 pub mod generate;
 pub mod info;
@@ -60,6 +61,9 @@ pub enum Command {
     Profile(profile::ProfileArgs),
     /// Write a smaller pack without the least used experts of a profile (or named experts).
     Prune(prune::PruneArgs),
+    /// Replay a routing (traces, or uniformly random) against a pack's expert cache at several
+    /// budgets and eviction policies: hit rates and bytes read per token, without running it.
+    CacheSim(cache_sim::CacheSimArgs),
 }
 
 /// How to open a model; shared by every subcommand.
@@ -82,7 +86,7 @@ pub struct ModelArgs {
     #[arg(long)]
     pub verify: bool,
     /// Which expert the cache evicts on a miss.
-    #[arg(long, value_enum, default_value_t = CachePolicy::LayerCycle)]
+    #[arg(long, value_enum, default_value_t = CachePolicy::Frequency)]
     pub cache_policy: CachePolicy,
     /// Adaptive top-k: skip a chosen expert whose routing weight is below W (the first choice
     /// is always kept) and rescale the others' weights to the chosen weights' sum.
@@ -214,6 +218,12 @@ pub enum CachePolicy {
     /// Evict from the layer whose next turn is furthest away (layers run in a cycle, once per
     /// token), least recently used first within it.
     LayerCycle,
+    /// Least used first, by use counts that halve every 8 tokens and that an expert keeps
+    /// while evicted.
+    Frequency,
+    /// The layer-cycle policy's choice of layer, then least used first within it (the same
+    /// decayed counts).
+    LayerCycleFrequency,
 }
 
 impl From<CachePolicy> for moe_edge_engine::pack::EvictionPolicy {
@@ -221,6 +231,8 @@ impl From<CachePolicy> for moe_edge_engine::pack::EvictionPolicy {
         match p {
             CachePolicy::Lru => Self::Lru,
             CachePolicy::LayerCycle => Self::LayerCycle,
+            CachePolicy::Frequency => Self::Frequency,
+            CachePolicy::LayerCycleFrequency => Self::LayerCycleFrequency,
         }
     }
 }
@@ -235,6 +247,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(a) => perplexity::run(a),
         Command::Profile(a) => profile::run(a),
         Command::Prune(a) => prune::run(a),
+        Command::CacheSim(a) => cache_sim::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Pack(a) => pack::run(a),
         Command::Info => info::run(),

@@ -347,41 +347,32 @@ impl Model {
                 self.ops.moe.len()
             )));
         }
-        // (tokens that chose it, block, expert, bytes), most used first
-        let mut ranked = vec![];
-        for (b, (layer, used)) in self.ops.moe.iter().zip(&usage.layers).enumerate() {
-            for (e, &chosen) in used.chosen.iter().enumerate() {
-                if let Some(bytes) = layer.experts.loaded_bytes(e).filter(|_| chosen > 0) {
-                    ranked.push((chosen, b, e, bytes));
-                }
-            }
-        }
-        ranked.sort_by(|x, y| y.0.cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+        let sizes = self.expert_bytes().unwrap_or_default();
         let allowance = (cache.budget() as f64 * share) as u64;
-        let (mut keys, mut kept) = (vec![], 0u64);
-        for &(_, b, e, bytes) in &ranked {
-            if kept + bytes <= allowance {
-                kept += bytes;
-                keys.push((b as u32, e as u32));
-            }
-        }
-        let largest_other = self
-            .ops
-            .moe
-            .iter()
-            .enumerate()
-            .flat_map(|(b, l)| {
-                let keys = &keys;
-                (0..l.spec.experts).filter_map(move |e| {
-                    (!keys.contains(&(b as u32, e as u32)))
-                        .then(|| l.experts.loaded_bytes(e))
-                        .flatten()
-                })
-            })
-            .max()
-            .unwrap_or(0);
+        let keys = crate::pack::hot_experts(usage, &sizes, allowance);
+        let (kept, largest_other) = crate::pack::kept_and_largest_other(&keys, &sizes);
         cache.keep_resident(&keys, kept, largest_other)?;
         Ok((keys.len(), kept))
+    }
+
+    /// In-memory bytes of each routed expert once loaded, per MoE block (packed models: what
+    /// the expert cache counts against its budget).
+    pub fn expert_bytes(&self) -> Option<Vec<Vec<u64>>> {
+        self.cache.as_ref()?;
+        self.ops
+            .moe
+            .iter()
+            .map(|l| {
+                (0..l.spec.experts)
+                    .map(|e| l.experts.loaded_bytes(e))
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// The expert cache's budget in bytes, for packed models.
+    pub fn cache_budget(&self) -> Option<u64> {
+        self.cache.as_ref().map(|c| c.budget())
     }
 
     /// Whether the routers of model layer `layer` may choose `expert` (`None`: no such layer).

@@ -1,8 +1,8 @@
 //! The cache of loaded experts, with a byte budget. The bytes held by cached experts never
 //! exceed the budget: a miss first evicts experts that no computation is using, chosen by the
-//! [`EvictionPolicy`] (by default from the layer whose next turn is furthest away, least recently
-//! used first within it; or plain least-recently-used), and if the rest are all in use it waits
-//! until one is released. Experts marked to stay (the hottest of a routing profile) are never
+//! [`EvictionPolicy`] (by default the least used, by decayed use counts that remember an
+//! expert's uses across its evictions; or from the layer whose next turn is furthest away; or
+//! plain least-recently-used), and if the rest are all in use it waits until one is released. Experts marked to stay (the hottest of a routing profile) are never
 //! evicted once loaded. Counters per layer and in total make hit rates and I/O watchable.
 
 use std::collections::{HashMap, HashSet};
@@ -75,6 +75,27 @@ struct State {
     layers: Vec<CacheCounters>,
     /// Experts never evicted once loaded ([`ExpertCache::keep_resident`]).
     kept: HashSet<Key>,
+    /// Decayed use counts of every expert used so far, resident or not (frequency policies).
+    uses: HashMap<Key, DecayedCount>,
+}
+
+/// A use count that halves every `half_life` requests: `count * 2^-((now - at) / half_life)`.
+#[derive(Debug, Clone, Copy)]
+struct DecayedCount {
+    count: f64,
+    at: u64,
+}
+
+impl DecayedCount {
+    /// log2 of the count at `now` (monotone in the count, and free of underflow).
+    fn log2_at(&self, now: u64, half_life: f64) -> f64 {
+        self.count.log2() - (now - self.at) as f64 / half_life
+    }
+
+    fn used(&mut self, now: u64, half_life: f64) {
+        self.count = self.count * (-((now - self.at) as f64) / half_life).exp2() + 1.0;
+        self.at = now;
+    }
 }
 
 /// Which unused expert a miss evicts.
@@ -86,14 +107,61 @@ pub enum EvictionPolicy {
     /// Layers run in a cycle, once per token: evict from the layer whose next turn is furthest
     /// away (the layer that ran last), least recently used first within it. Plain LRU evicts
     /// exactly the experts the next layers need when the budget is below the working set.
-    #[default]
     LayerCycle,
+    /// Least used first, by use counts that halve every [`FREQUENCY_HALF_LIFE_TOKENS`] tokens
+    /// (in requests: that times the model's top-k summed over its layers) and that an expert
+    /// keeps while evicted (least recently used first among equal counts). The default: on the
+    /// trained model's routing it misses least at every budget (`docs/BENCHMARKS.md`).
+    #[default]
+    Frequency,
+    /// [`EvictionPolicy::LayerCycle`]'s choice of layer, then least used first within it, by
+    /// the same decayed counts as [`EvictionPolicy::Frequency`].
+    LayerCycleFrequency,
 }
+
+impl EvictionPolicy {
+    pub const ALL: [EvictionPolicy; 4] = [
+        EvictionPolicy::Lru,
+        EvictionPolicy::LayerCycle,
+        EvictionPolicy::Frequency,
+        EvictionPolicy::LayerCycleFrequency,
+    ];
+
+    fn by_layer_cycle(self) -> bool {
+        matches!(
+            self,
+            EvictionPolicy::LayerCycle | EvictionPolicy::LayerCycleFrequency
+        )
+    }
+
+    fn by_frequency(self) -> bool {
+        matches!(
+            self,
+            EvictionPolicy::Frequency | EvictionPolicy::LayerCycleFrequency
+        )
+    }
+
+    /// The name the command line and reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            EvictionPolicy::Lru => "lru",
+            EvictionPolicy::LayerCycle => "layer-cycle",
+            EvictionPolicy::Frequency => "frequency",
+            EvictionPolicy::LayerCycleFrequency => "layer-cycle-frequency",
+        }
+    }
+}
+
+/// Half-life of the frequency policies' use counts, in decoded tokens (a token makes one
+/// request per selected expert per layer).
+pub const FREQUENCY_HALF_LIFE_TOKENS: u64 = 8;
 
 /// The cache. Shared by every layer and session of a process.
 pub struct ExpertCache {
     budget: u64,
     policy: EvictionPolicy,
+    /// In requests.
+    half_life: f64,
     state: Mutex<State>,
     changed: Condvar,
 }
@@ -133,10 +201,24 @@ impl ExpertCache {
         Self::with_policy(budget, layers, EvictionPolicy::default())
     }
 
+    /// A cache whose frequency policies take a top-k of 2 per layer for their half-life.
+    #[cfg(test)]
     pub fn with_policy(budget: u64, layers: usize, policy: EvictionPolicy) -> Arc<Self> {
+        let half_life = FREQUENCY_HALF_LIFE_TOKENS * layers.max(1) as u64 * 2;
+        Self::with_half_life(budget, layers, policy, half_life)
+    }
+
+    /// [`ExpertCache::with_policy`] with the frequency policies' half-life given in requests.
+    pub fn with_half_life(
+        budget: u64,
+        layers: usize,
+        policy: EvictionPolicy,
+        half_life_requests: u64,
+    ) -> Arc<Self> {
         Arc::new(ExpertCache {
             budget,
             policy,
+            half_life: half_life_requests.max(1) as f64,
             state: Mutex::new(State {
                 slots: HashMap::new(),
                 clock: 0,
@@ -144,6 +226,7 @@ impl ExpertCache {
                 peak: 0,
                 layers: vec![CacheCounters::default(); layers],
                 kept: HashSet::new(),
+                uses: HashMap::new(),
             }),
             changed: Condvar::new(),
         })
@@ -172,6 +255,16 @@ impl ExpertCache {
         );
         let key = (layer, expert);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if self.policy.by_frequency() {
+            let now = st.clock + 1;
+            st.uses
+                .entry(key)
+                .or_insert(DecayedCount {
+                    count: 0.0,
+                    at: now,
+                })
+                .used(now, self.half_life);
+        }
         loop {
             st.clock += 1;
             let now = st.clock;
@@ -202,18 +295,29 @@ impl ExpertCache {
                         } if Arc::strong_count(expert) == 1 && !st.kept.contains(k) => {
                             // layers until this expert's layer runs next; the running layer counts
                             // as nearest, since its other selected experts follow right away
-                            let until_next_turn = match self.policy {
-                                EvictionPolicy::Lru => 0,
-                                EvictionPolicy::LayerCycle => {
-                                    (k.0 as u64 + n_layers - layer as u64) % n_layers
-                                }
+                            let until_next_turn = if self.policy.by_layer_cycle() {
+                                (k.0 as u64 + n_layers - layer as u64) % n_layers
+                            } else {
+                                0
                             };
-                            Some((std::cmp::Reverse(until_next_turn), *last_used, *k))
+                            let uses = match st.uses.get(k) {
+                                Some(c) if self.policy.by_frequency() => {
+                                    c.log2_at(now, self.half_life)
+                                }
+                                _ => 0.0,
+                            };
+                            Some((until_next_turn, uses, *last_used, *k))
                         }
                         _ => None,
                     })
-                    .min();
-                let Some((_, _, vk)) = victim else { break };
+                    // furthest turn, then fewest uses, then least recent
+                    .min_by(|a, b| {
+                        b.0.cmp(&a.0)
+                            .then(a.1.total_cmp(&b.1))
+                            .then(a.2.cmp(&b.2))
+                            .then(a.3.cmp(&b.3))
+                    });
+                let Some((_, _, _, vk)) = victim else { break };
                 if let Some(Slot::Ready { bytes: b, .. }) = st.slots.remove(&vk) {
                     st.resident -= b;
                     st.layers[vk.0 as usize].evictions += 1;
@@ -315,6 +419,51 @@ impl ExpertCache {
             per_layer: st.layers.clone(),
         }
     }
+}
+
+/// The experts a routing profile used most, over all blocks, whose in-memory bytes add up to at
+/// most `allowance`: the experts `--pin-hot` keeps resident. Most chosen first (ties: lower
+/// block, then lower expert); an expert that does not fit is skipped and smaller ones after it
+/// may still fit. Experts never chosen are never kept.
+pub fn hot_experts(
+    usage: &crate::moe::Usage,
+    expert_bytes: &[Vec<u64>],
+    allowance: u64,
+) -> Vec<(u32, u32)> {
+    // (tokens that chose it, block, expert, bytes)
+    let mut ranked = vec![];
+    for (b, (bytes, used)) in expert_bytes.iter().zip(&usage.layers).enumerate() {
+        for (e, (&chosen, &size)) in used.chosen.iter().zip(bytes).enumerate() {
+            if chosen > 0 {
+                ranked.push((chosen, b, e, size));
+            }
+        }
+    }
+    ranked.sort_by(|x, y| y.0.cmp(&x.0).then((x.1, x.2).cmp(&(y.1, y.2))));
+    let (mut keys, mut kept) = (vec![], 0u64);
+    for &(_, b, e, size) in &ranked {
+        if kept + size <= allowance {
+            kept += size;
+            keys.push((b as u32, e as u32));
+        }
+    }
+    keys
+}
+
+/// The bytes the experts `keys` hold together, and the largest expert outside them: what
+/// [`ExpertCache::keep_resident`] checks against the budget.
+pub fn kept_and_largest_other(keys: &[(u32, u32)], expert_bytes: &[Vec<u64>]) -> (u64, u64) {
+    let (mut kept, mut largest_other) = (0, 0);
+    for (b, sizes) in expert_bytes.iter().enumerate() {
+        for (e, &size) in sizes.iter().enumerate() {
+            if keys.contains(&(b as u32, e as u32)) {
+                kept += size;
+            } else {
+                largest_other = largest_other.max(size);
+            }
+        }
+    }
+    (kept, largest_other)
 }
 
 #[cfg(test)]

@@ -4,6 +4,7 @@
 //! opens a pack into the layers its graph names.
 
 pub(crate) mod cache;
+pub(crate) mod cache_sim;
 pub(crate) mod file;
 pub(crate) mod format;
 pub(crate) mod manifest;
@@ -31,7 +32,11 @@ use file::PackFile;
 use format::{Entry, TensorFormat, TensorKind};
 pub(crate) use manifest::MANIFEST_FILE;
 
-pub use cache::{CacheCounters, CacheStats, EvictionPolicy};
+pub use cache::{
+    hot_experts, kept_and_largest_other, CacheCounters, CacheStats, EvictionPolicy,
+    FREQUENCY_HALF_LIFE_TOKENS,
+};
+pub use cache_sim::{simulate_cache, uniform_routing, BlockCall, CacheSimulation};
 pub use manifest::{DenseLayer, ExpertFormat, Manifest, PackLayer, SourceInfo};
 pub use prune::{prune_pack, PruneSummary};
 pub use writer::{pack_model, pack_model_with_progress, PackOptions, PackSummary, DEFAULT_ALIGN};
@@ -95,7 +100,13 @@ pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack>
         log::warn!("expert cache budget {budget} bytes is smaller than one expert ({largest} bytes): using {largest}");
         budget = largest;
     }
-    let cache = ExpertCache::with_policy(budget, manifest.layers.len(), opts.cache_policy);
+    let requests_per_token: u64 = manifest.layers.iter().map(|l| l.spec.top_k as u64).sum();
+    let cache = ExpertCache::with_half_life(
+        budget,
+        manifest.layers.len(),
+        opts.cache_policy,
+        FREQUENCY_HALF_LIFE_TOKENS * requests_per_token,
+    );
     log::info!(
         "expert cache: budget {:.1} MiB of {:.1} MiB of experts",
         budget as f64 / 1048576.0,
