@@ -38,6 +38,17 @@ pub struct PackArgs {
     /// slots stay int8 (at least top-k), in (0, 1].
     #[arg(long, value_name = "S", default_value_t = 0.8, requires = "int4_cold")]
     pub int8_share: f64,
+    /// Where the token embedding table goes: `file` moves it into the expert file, read a row
+    /// per token (exact f32 rows, each checked by its own checksum; the table takes no memory);
+    /// `graph` keeps it in the graph, in memory.
+    #[arg(long, value_enum, default_value_t = Embeddings::File)]
+    pub embeddings: Embeddings,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Embeddings {
+    File,
+    Graph,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -85,6 +96,7 @@ pub fn run(args: PackArgs) -> anyhow::Result<()> {
         alignment: args.align,
         dense_fallback: args.dense_fallback,
         dense_int8: args.dense == DenseFormat::Int8,
+        embedding_in_file: args.embeddings == Embeddings::File,
         int4_experts: match &args.int4_cold {
             Some(spec) => Some(cold_experts(&args, spec)?),
             None => None,

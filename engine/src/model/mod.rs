@@ -152,6 +152,7 @@ impl Model {
                 let ops = OpTable {
                     moe: imported.layers,
                     linear: vec![],
+                    embedding: None,
                 };
                 (imported.proto, ops, blocks, imported.fallbacks, None)
             };
@@ -175,7 +176,8 @@ impl Model {
             .ok_or_else(|| load_err("the file holds no graph".into()))?;
         ops.annotate(graph).map_err(load_err)?;
         let interface = interface::interface_of(&proto).map_err(load_err)?;
-        let vocab = interface::vocab_of(&proto);
+        // a pack's embedding table left the graph for the expert file
+        let vocab = interface::vocab_of(&proto).or(ops.embedding.as_ref().map(|e| e.vocab));
         let config = match files.sibling("config.json") {
             Some(p) => ModelConfig::read(&p)?,
             None => ModelConfig::default(),

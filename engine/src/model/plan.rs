@@ -237,6 +237,7 @@ pub(crate) fn run_imported_graph(
     let ops = OpTable {
         moe: imported.layers.clone(),
         linear: vec![],
+        embedding: None,
     };
     let mut proto = imported.proto.clone();
     if let Some(graph) = proto.graph.as_mut() {

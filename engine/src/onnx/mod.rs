@@ -30,6 +30,8 @@ pub(crate) const MOE_OP_DOMAIN: &str = "ai.moe_edge";
 pub(crate) const MOE_OP_TYPE: &str = "MoeEdgeSparseMoe";
 /// The int8 linear node type (`pack --dense int8`).
 pub(crate) const LINEAR_OP_TYPE: &str = "MoeEdgeLinearQ8";
+/// The token embedding node type of packs: rows read from the expert file.
+pub(crate) const EMBEDDING_OP_TYPE: &str = "MoeEdgeEmbedding";
 /// Attribute of moe-edge nodes: the entry of the model's op table the node stands for (the block's
 /// ordinal among MoE blocks, the linear layer's among int8 linear layers), also its index in a
 /// pack's manifest.

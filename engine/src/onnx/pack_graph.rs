@@ -10,8 +10,8 @@ use tract_onnx::pb::{tensor_proto::DataLocation, StringStringEntryProto};
 
 use super::graph::GraphIndex;
 use super::rewrite::ImportedModel;
-use super::tensors::{load_f32, transpose, ExternalData};
-use super::{moe_edge_node, LINEAR_OP_TYPE};
+use super::tensors::{load_f32, load_f32_range, transpose, ExternalData};
+use super::{moe_edge_node, EMBEDDING_OP_TYPE, LINEAR_OP_TYPE};
 use crate::error::{Error, Result};
 
 /// A `MatMul(x, W)` by a constant f32 weight to store as int8.
@@ -66,18 +66,95 @@ pub(crate) fn constant_matmuls(imported: &ImportedModel) -> Vec<LinearCandidate>
     found
 }
 
+/// The token embedding `Gather(table, ids)` whose table can leave the graph: an f32 `[vocab,
+/// hidden]` initializer used by that Gather alone, gathered along axis 0.
+pub(crate) struct EmbeddingCandidate {
+    pub output: String,
+    /// The token ids.
+    pub input: String,
+    pub initializer: String,
+    pub vocab: usize,
+    pub hidden: usize,
+}
+
+impl EmbeddingCandidate {
+    /// The table, `[vocab, hidden]` row-major.
+    pub(crate) fn table(&self, imported: &ImportedModel, dir: &Path) -> Result<Vec<f32>> {
+        let graph = imported.proto.graph.as_ref().expect("imported graph");
+        let g = GraphIndex::new(graph);
+        load_f32_range(
+            &g,
+            &self.initializer,
+            Some(dir),
+            0,
+            self.vocab * self.hidden,
+        )
+    }
+}
+
+/// The graph's token embedding, if it is one Gather from a table nothing else uses (a table
+/// tied to the LM head stays in the graph). The first such Gather whose indices are a graph
+/// input.
+pub(crate) fn embedding_gather(imported: &ImportedModel) -> Option<EmbeddingCandidate> {
+    let graph = imported.proto.graph.as_ref()?;
+    let g = GraphIndex::new(graph);
+    let inputs: std::collections::HashSet<&str> =
+        graph.input.iter().map(|i| i.name.as_str()).collect();
+    graph.node.iter().find_map(|node| {
+        if node.op_type != "Gather" || !node.domain.is_empty() || node.input.len() != 2 {
+            return None;
+        }
+        let axis = node
+            .attribute
+            .iter()
+            .find(|a| a.name == "axis")
+            .map_or(0, |a| a.i);
+        let init = g.initializer(&node.input[0])?;
+        let float = init.data_type == tract_onnx::pb::tensor_proto::DataType::Float as i32;
+        let ok = axis == 0
+            && float
+            && init.dims.len() == 2
+            && init.dims.iter().all(|&d| d > 0)
+            && inputs.contains(node.input[1].as_str())
+            && g.consumers_of(&node.input[0]).len() == 1;
+        ok.then(|| EmbeddingCandidate {
+            output: node.output[0].clone(),
+            input: node.input[1].clone(),
+            initializer: node.input[0].clone(),
+            vocab: init.dims[0] as usize,
+            hidden: init.dims[1] as usize,
+        })
+    })
+}
+
 /// Writes the graph of a packed model to `out/model.onnx`: the imported graph (whose MoE nodes
 /// keep their `index`), with each linear candidate replaced by an int8 linear node of `index` i
-/// and its weight removed; dense weights that the source kept in external data go to the pack's
-/// own `model.onnx.data`.
+/// and its weight removed, and the embedding Gather (if given) replaced by an embedding node
+/// reading rows from the expert file; dense weights that the source kept in external data go to
+/// the pack's own `model.onnx.data`.
 pub(crate) fn write_packed_graph(
     imported: &ImportedModel,
     linears: &[LinearCandidate],
+    embedding: Option<&EmbeddingCandidate>,
     src_dir: &Path,
     out: &Path,
 ) -> Result<()> {
     let mut proto = imported.proto.clone();
     let graph = proto.graph.as_mut().expect("imported graph");
+    if let Some(emb) = embedding {
+        let node = graph
+            .node
+            .iter_mut()
+            .find(|n| n.output.first() == Some(&emb.output))
+            .expect("embedding node");
+        *node = moe_edge_node(
+            "moe_edge/embedding".into(),
+            EMBEDDING_OP_TYPE,
+            &emb.input,
+            &emb.output,
+            0,
+        );
+    }
     for (index, d) in linears.iter().enumerate() {
         let node = graph
             .node
@@ -92,8 +169,11 @@ pub(crate) fn write_packed_graph(
             index,
         );
     }
-    let moved: std::collections::HashSet<&str> =
-        linears.iter().map(|d| d.initializer.as_str()).collect();
+    let moved: std::collections::HashSet<&str> = linears
+        .iter()
+        .map(|d| d.initializer.as_str())
+        .chain(embedding.map(|e| e.initializer.as_str()))
+        .collect();
     graph
         .initializer
         .retain(|t| !moved.contains(t.name.as_str()));

@@ -1,11 +1,13 @@
 //! moe-edge's tract operators and how a model binds them.
 //!
-//! A rewritten graph holds moe-edge nodes (`ai.moe_edge::MoeEdgeSparseMoe`, `MoeEdgeLinearQ8`)
+//! A rewritten graph holds moe-edge nodes (`ai.moe_edge::MoeEdgeSparseMoe`, `MoeEdgeLinearQ8`,
+//! `MoeEdgeEmbedding`)
 //! whose `index` attribute names an entry of the model's [`OpTable`], assigned once at import
 //! and kept by packs. tract's op builders are plain functions, so parsing makes an unbound slot
 //! per node; [`OpTable::bind`] then puts the model's own op in each slot of the typed graph.
 //! Two models in one process never see each other's layers.
 
+mod embedding;
 mod linear_q8;
 mod slot;
 mod sparse_moe;
@@ -16,6 +18,7 @@ use tract_onnx::pb::GraphProto;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
+pub(crate) use embedding::EmbeddingRows;
 pub(crate) use linear_q8::Q8Linear;
 pub(crate) use sparse_moe::{session_of, set_session_routing, SparseMoeOp};
 
@@ -27,6 +30,8 @@ use slot::{SlotKind, UnboundSlot};
 pub(crate) struct OpTable {
     pub moe: Vec<Arc<MoeLayer>>,
     pub linear: Vec<Arc<Q8Linear>>,
+    /// A pack's token embedding, read from its expert file.
+    pub embedding: Option<Arc<EmbeddingRows>>,
 }
 
 impl OpTable {
@@ -38,7 +43,8 @@ impl OpTable {
             .iter()
             .map(|l| (l.in_features, l.out_features))
             .collect();
-        crate::onnx::bind::annotate_nodes(graph, self.moe.len(), &linear)
+        let embedding = self.embedding.as_ref().map(|e| e.hidden);
+        crate::onnx::bind::annotate_nodes(graph, self.moe.len(), &linear, embedding)
     }
 
     /// Replaces every unbound slot of `model` by the op of its table entry.
@@ -61,6 +67,13 @@ impl OpTable {
                         .get(slot.index)
                         .context("linear slot out of range")?
                         .clone(),
+                }),
+                SlotKind::Embedding => Box::new(embedding::EmbeddingOp {
+                    rows: self
+                        .embedding
+                        .clone()
+                        .filter(|_| slot.index == 0)
+                        .context("embedding slot out of range")?,
                 }),
             };
             model.node_mut(id).op = op;

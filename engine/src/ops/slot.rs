@@ -6,7 +6,7 @@ use tract_onnx::prelude::*;
 use tract_onnx::tract_hir::internal::*;
 
 use crate::onnx::bind::{IN_FEATURES_ATTR, OUT_FEATURES_ATTR};
-use crate::onnx::{INDEX_ATTR, LINEAR_OP_TYPE, MOE_OP_DOMAIN, MOE_OP_TYPE};
+use crate::onnx::{EMBEDDING_OP_TYPE, INDEX_ATTR, LINEAR_OP_TYPE, MOE_OP_DOMAIN, MOE_OP_TYPE};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(super) enum SlotKind {
@@ -14,11 +14,21 @@ pub(super) enum SlotKind {
     Moe,
     /// `x[..., in] -> y[..., out]`
     Linear,
+    /// `ids[...]` (integers) -> `y[..., hidden]`
+    Embedding,
 }
 
 pub(super) fn register(onnx: &mut tract_onnx::Onnx) {
     onnx.op_register.insert(MOE_OP_TYPE, build_moe);
     onnx.op_register.insert(LINEAR_OP_TYPE, build_linear);
+    onnx.op_register.insert(EMBEDDING_OP_TYPE, build_embedding);
+}
+
+fn build_embedding(
+    _ctx: &tract_onnx::model::ParsingContext,
+    node: &NodeProto,
+) -> TractResult<(Box<dyn InferenceOp>, Vec<String>)> {
+    build(node, SlotKind::Embedding)
 }
 
 fn build_moe(
@@ -51,6 +61,7 @@ fn build(node: &NodeProto, kind: SlotKind) -> TractResult<(Box<dyn InferenceOp>,
             node.get_attr::<i64>(IN_FEATURES_ATTR)? as usize,
             node.get_attr::<i64>(OUT_FEATURES_ATTR)? as usize,
         )),
+        SlotKind::Embedding => Some((0, node.get_attr::<i64>(OUT_FEATURES_ATTR)? as usize)),
     };
     let slot = UnboundSlot {
         kind,
@@ -65,7 +76,7 @@ fn build(node: &NodeProto, kind: SlotKind) -> TractResult<(Box<dyn InferenceOp>,
 pub(crate) struct UnboundSlot {
     pub(super) kind: SlotKind,
     pub(super) index: usize,
-    /// `(in, out)` features of a linear slot.
+    /// `(in, out)` features of a linear slot; `(0, hidden)` of an embedding slot.
     features: Option<(usize, usize)>,
 }
 
@@ -82,8 +93,19 @@ impl Expansion for UnboundSlot {
     ) -> InferenceResult {
         check_input_arity(inputs, 1)?;
         check_output_arity(outputs, 1)?;
-        s.equals(&inputs[0].datum_type, f32::datum_type())?;
         s.equals(&outputs[0].datum_type, f32::datum_type())?;
+        if self.kind == SlotKind::Embedding {
+            let hidden = self.features.map_or(0, |f| f.1);
+            s.equals(&inputs[0].rank, outputs[0].rank.bex() - 1)?;
+            return s.given(&inputs[0].rank, move |s, rank| {
+                let rank = rank as usize;
+                for i in 0..rank {
+                    s.equals(&inputs[0].shape[i], &outputs[0].shape[i])?;
+                }
+                s.equals(&outputs[0].shape[rank], TDim::from(hidden as i64))
+            });
+        }
+        s.equals(&inputs[0].datum_type, f32::datum_type())?;
         match self.features {
             None => s.equals(&inputs[0].shape, &outputs[0].shape),
             Some((inp, out)) => {
@@ -131,11 +153,15 @@ impl EvalOp for UnboundSlot {
 
 impl TypedOp for UnboundSlot {
     fn output_facts(&self, inputs: &[&TypedFact]) -> TractResult<TVec<TypedFact>> {
+        let mut shape = inputs[0].shape.to_tvec();
+        if self.kind == SlotKind::Embedding {
+            shape.push(self.features.map_or(0, |f| f.1).to_dim());
+            return Ok(tvec!(f32::fact(shape)));
+        }
         ensure!(
             inputs[0].datum_type == f32::datum_type(),
             "moe-edge ops take f32 input"
         );
-        let mut shape = inputs[0].shape.to_tvec();
         if let Some((_, out)) = self.features {
             *shape.last_mut().context("linear input needs rank >= 1")? = out.to_dim();
         }

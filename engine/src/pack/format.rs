@@ -34,6 +34,10 @@ pub enum TensorKind {
     /// a dense linear layer's weight `[out, in]` (`pack --dense int8`); `layer` is its index in
     /// the manifest's `dense` list
     Dense = 8,
+    /// the token embedding table `[vocab, hidden]` (`layer` 0), read a row at a time
+    Embedding = 9,
+    /// the CRC-32 of each row of the embedding table, `[vocab, 1]` u32, checked as rows are read
+    EmbeddingRowCrc = 10,
 }
 
 impl TensorKind {
@@ -49,6 +53,8 @@ impl TensorKind {
             SharedDownProj,
             SharedGate,
             Dense,
+            Embedding,
+            EmbeddingRowCrc,
         ]
         .into_iter()
         .find(|k| *k as u16 == v)
@@ -67,12 +73,14 @@ pub enum TensorFormat {
     Q8F32Scales = 3,
     /// int4 blocks of 32 with f16 scales (see `kernels::q4`)
     Q4F16Scales = 4,
+    /// little-endian u32 values (checksums)
+    U32 = 5,
 }
 
 impl TensorFormat {
     fn from_u16(v: u16) -> Option<Self> {
         use TensorFormat::*;
-        [F32, F16, Q8F16Scales, Q8F32Scales, Q4F16Scales]
+        [F32, F16, Q8F16Scales, Q8F32Scales, Q4F16Scales, U32]
             .into_iter()
             .find(|k| *k as u16 == v)
     }
@@ -81,7 +89,7 @@ impl TensorFormat {
     /// far below overflow before it asks).
     pub fn bytes(self, rows: usize, cols: usize) -> usize {
         match self {
-            TensorFormat::F32 => rows.saturating_mul(cols).saturating_mul(4),
+            TensorFormat::F32 | TensorFormat::U32 => rows.saturating_mul(cols).saturating_mul(4),
             TensorFormat::F16 => rows.saturating_mul(cols).saturating_mul(2),
             TensorFormat::Q8F16Scales => q8_bytes(rows, cols, ScaleType::F16),
             TensorFormat::Q8F32Scales => q8_bytes(rows, cols, ScaleType::F32),

@@ -63,6 +63,19 @@ pub struct Manifest {
     /// Dense linear layers stored as int8 in the expert file (`pack --dense int8`).
     #[serde(default)]
     pub dense: Vec<DenseLayer>,
+    /// The token embedding table, moved out of the graph into the expert file and read a row per
+    /// token (packs made before this field keep it in the graph).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding: Option<EmbeddingTable>,
+}
+
+/// The token embedding table of a pack: `Gather(table, ids)` of the source graph.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EmbeddingTable {
+    /// The initializer it came from.
+    pub name: String,
+    pub vocab: usize,
+    pub hidden: usize,
 }
 
 /// A dense linear layer moved out of the graph.

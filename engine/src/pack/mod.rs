@@ -26,7 +26,7 @@ use crate::kernels::q8::{blocks_per_row, Q8Matrix};
 use crate::moe::expert::{DenseExpert, Expert, ExpertFfn, Q4Expert, Q8Expert};
 use crate::moe::layer::MoeLayer;
 use crate::moe::store::{ExpertStore, SharedExpert};
-use crate::ops::{OpTable, Q8Linear};
+use crate::ops::{EmbeddingRows, OpTable, Q8Linear};
 use cache::ExpertCache;
 use file::PackFile;
 use format::{Entry, TensorFormat, TensorKind};
@@ -158,6 +158,10 @@ pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack>
         let m = q8_matrix(&file.read_tensor(e)?, e)?;
         linear.push(Arc::new(Q8Linear::new(m)));
     }
+    let embedding = match manifest.embedding {
+        Some(_) => Some(Arc::new(EmbeddingRows::open(file.clone())?)),
+        None => None,
+    };
     let graph_path = dir.join("model.onnx");
     let bytes = crate::files::read_regular(&graph_path, crate::files::ONNX_LIMIT)?;
     let proto =
@@ -180,6 +184,7 @@ pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack>
         ops: OpTable {
             moe: layers,
             linear,
+            embedding,
         },
         manifest,
         cache,
@@ -199,7 +204,7 @@ fn resident_bytes(e: &Entry) -> u64 {
             let nb = blocks_per_row(cols as usize) as u64;
             rows * nb * 16 + rows * nb * 4
         }
-        TensorFormat::F32 | TensorFormat::F16 => rows * cols * 4,
+        TensorFormat::F32 | TensorFormat::F16 | TensorFormat::U32 => rows * cols * 4,
     }
 }
 
@@ -217,7 +222,10 @@ fn decode_f32(bytes: &[u8], format: TensorFormat) -> Option<Vec<f32>> {
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
         ),
-        TensorFormat::Q8F16Scales | TensorFormat::Q8F32Scales | TensorFormat::Q4F16Scales => None,
+        TensorFormat::Q8F16Scales
+        | TensorFormat::Q8F32Scales
+        | TensorFormat::Q4F16Scales
+        | TensorFormat::U32 => None,
     }
 }
 
@@ -331,6 +339,12 @@ impl PackLayerStore {
                     crate::moe::Activation::SiluGated,
                 )?;
                 Arc::new(expert)
+            }
+            TensorFormat::U32 => {
+                return Err(Error::CorruptPack(format!(
+                    "{}: stored as u32 values, not weights",
+                    gate.describe()
+                )))
             }
         };
         Ok(expert)

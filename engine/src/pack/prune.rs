@@ -117,7 +117,13 @@ fn write_pruned(
         .cloned()
         .collect();
     kept.sort_by_key(|e| e.offset);
-    let group_of = |e: &super::format::Entry| (e.kind == TensorKind::Dense, e.layer, e.expert);
+    let group_of = |e: &super::format::Entry| {
+        let own_group = matches!(
+            e.kind,
+            TensorKind::Dense | TensorKind::Embedding | TensorKind::EmbeddingRowCrc
+        );
+        (own_group.then_some(e.kind as u16 / 9), e.layer, e.expert)
+    };
     let alignment = manifest.alignment;
     let table_offset = HEADER_BYTES as u64;
     let data_offset = align_up(table_offset + (kept.len() * ENTRY_BYTES) as u64, alignment);

@@ -1114,3 +1114,112 @@ fn int4_and_mixed_packs_against_torch() {
         }
     }
 }
+
+/// The embedding table read a row per token from the expert file gives the logits the table in
+/// the graph gives, bit for bit, on every kit export (batch 2 included), and the manifest names it.
+#[test]
+fn embedding_rows_from_the_expert_file_give_the_graph_tables_logits() {
+    for (arch, method) in EXPORTS {
+        let src = kit_export(arch, method);
+        let in_file = pack(
+            &src,
+            &format!("emb-file-{arch}-{method}"),
+            ExpertFormat::Int8,
+        );
+        let in_graph = pack_with(
+            &src,
+            &format!("emb-graph-{arch}-{method}"),
+            PackOptions {
+                embedding_in_file: false,
+                ..Default::default()
+            },
+        );
+        let table = super::Manifest::read(&in_file).unwrap().embedding;
+        let table = table.unwrap_or_else(|| panic!("{arch}/{method}: no embedding in the file"));
+        assert!(
+            table.name.ends_with("embed_tokens.weight"),
+            "{}",
+            table.name
+        );
+        assert!(super::Manifest::read(&in_graph)
+            .unwrap()
+            .embedding
+            .is_none());
+        let a = Model::load(&in_file, LoadOptions::default()).unwrap();
+        let b = Model::load(&in_graph, LoadOptions::default()).unwrap();
+        assert_eq!(a.vocab_size(), Some(table.vocab));
+        assert_eq!(a.vocab_size(), b.vocab_size());
+        for i in 0..5 {
+            assert_eq!(logits(&a, i), logits(&b, i), "{arch}/{method} input {i}");
+        }
+        std::fs::remove_dir_all(&in_file).ok();
+        std::fs::remove_dir_all(&in_graph).ok();
+    }
+}
+
+/// A damaged byte in one row of the table: every other token still runs; the token of that row is
+/// refused naming the row; `--verify` finds it at open.
+#[test]
+fn a_damaged_embedding_row_is_caught_when_its_token_is_fed() {
+    let dir = packed_tiny("emb-flip");
+    let (mut bytes, _, entries) = table(&dir);
+    let e = entries
+        .iter()
+        .find(|e| e.kind == TensorKind::Embedding)
+        .unwrap()
+        .clone();
+    let row_bytes = e.cols as u64 * 4;
+    bytes[(e.offset + 7 * row_bytes + 5) as usize] ^= 0x10;
+    std::fs::write(dir.join("experts.bin"), &bytes).unwrap();
+    let model = Model::load(&dir, LoadOptions::default()).unwrap();
+    Session::new(&model).unwrap().feed(&[1, 2, 3, 8]).unwrap();
+    let err = Session::new(&model).unwrap().feed(&[1, 7]).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("embedding row 7 checksum mismatch"),
+        "{err}"
+    );
+    let err = open_err(&dir, true);
+    assert!(
+        err.to_string().contains("Embedding") && err.to_string().contains("checksum"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A table with another consumer (as an LM head tied to the embedding has) stays in the graph.
+#[test]
+fn an_embedding_table_used_elsewhere_stays_in_the_graph() {
+    use prost::Message;
+    use tract_onnx::pb::{ModelProto, NodeProto, ValueInfoProto};
+    let src = scratch("emb-tied-src");
+    std::fs::create_dir_all(&src).unwrap();
+    let bytes = std::fs::read(fixtures().join("hf-moe-kv/mixtral/model.onnx")).unwrap();
+    let mut proto = ModelProto::decode(bytes.as_slice()).unwrap();
+    let graph = proto.graph.as_mut().unwrap();
+    let table = "model.embed_tokens.weight";
+    graph.node.push(NodeProto {
+        name: "tied_use".into(),
+        op_type: "Identity".into(),
+        input: vec![table.into()],
+        output: vec!["tied_copy".into()],
+        ..Default::default()
+    });
+    let mut out: ValueInfoProto = graph.output[0].clone();
+    out.name = "tied_copy".into();
+    out.r#type = None;
+    graph.output.push(out);
+    std::fs::write(src.join("model.onnx"), proto.encode_to_vec()).unwrap();
+    let dir = pack(&src.join("model.onnx"), "emb-tied", ExpertFormat::Int8);
+    assert!(super::Manifest::read(&dir).unwrap().embedding.is_none());
+    let packed = std::fs::read(dir.join("model.onnx")).unwrap();
+    let packed = ModelProto::decode(packed.as_slice()).unwrap();
+    let graph = packed.graph.unwrap();
+    assert!(graph.initializer.iter().any(|t| t.name == table));
+    assert!(graph
+        .node
+        .iter()
+        .any(|n| n.op_type == "Gather" && n.input[0] == table));
+    std::fs::remove_dir_all(&dir).ok();
+    std::fs::remove_dir_all(&src).ok();
+}

@@ -104,6 +104,23 @@ pub(crate) fn check(manifest: &Manifest, file: &PackFile) -> Result<()> {
             true,
         ));
     }
+    if let Some(t) = &manifest.embedding {
+        if t.vocab == 0 || t.hidden == 0 {
+            return Err(corrupt(format!(
+                "an embedding table of {} rows of {} values",
+                t.vocab, t.hidden
+            )));
+        }
+        expected.push((
+            0,
+            NO_EXPERT,
+            TensorKind::Embedding,
+            t.vocab,
+            t.hidden,
+            false,
+        ));
+        expected.push((0, NO_EXPERT, TensorKind::EmbeddingRowCrc, t.vocab, 1, false));
+    }
     for &(layer, expert, kind, rows, cols, quantisable) in &expected {
         let e = file.entry(layer, (expert != NO_EXPERT).then_some(expert), kind)?;
         if (e.rows as usize, e.cols as usize) != (rows, cols) {
@@ -116,6 +133,7 @@ pub(crate) fn check(manifest: &Manifest, file: &PackFile) -> Result<()> {
         }
         let format_fits = match (kind, quantisable) {
             (TensorKind::Dense, _) => e.format.scale_type().is_some(),
+            (TensorKind::EmbeddingRowCrc, _) => e.format == TensorFormat::U32,
             (_, false) => e.format == TensorFormat::F32,
             (_, true) => match manifest.experts {
                 ExpertFormat::Int8 | ExpertFormat::Int4 => e.format.is_quantised(),

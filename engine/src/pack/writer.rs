@@ -13,8 +13,8 @@ use super::format::{
     TENSOR_ALIGN,
 };
 use super::manifest::{
-    DenseLayer, ExpertFormat, Manifest, PackLayer, SourceInfo, EXPERT_FILE, FORMAT_NAME,
-    FORMAT_VERSION, MANIFEST_FILE,
+    DenseLayer, EmbeddingTable, ExpertFormat, Manifest, PackLayer, SourceInfo, EXPERT_FILE,
+    FORMAT_NAME, FORMAT_VERSION, MANIFEST_FILE,
 };
 use crate::error::{Error, Result};
 use crate::files::ModelFiles;
@@ -23,7 +23,7 @@ use crate::kernels::q8::{q8_bytes, quantize, scale_type_for, ScaleType};
 use crate::kernels::BLOCK;
 use crate::moe::Activation;
 use crate::onnx::load::BlockWeights;
-use crate::onnx::pack_graph::{constant_matmuls, write_packed_graph};
+use crate::onnx::pack_graph::{constant_matmuls, embedding_gather, write_packed_graph};
 use crate::onnx::{import_graph, DetectOptions};
 
 /// Default alignment of each expert: a multiple of 4 KiB, 16 KiB (Raspberry Pi 5) and
@@ -43,6 +43,9 @@ pub struct PackOptions {
     /// int8 packs: store these routed experts (by model layer) as int4 instead: the cold
     /// experts of a routing profile (`pack --int4-cold`).
     pub int4_experts: Option<crate::moe::ExpertMask>,
+    /// Move the token embedding table into the expert file, read a row per token, instead of
+    /// keeping it in the graph (in memory).
+    pub embedding_in_file: bool,
 }
 
 impl Default for PackOptions {
@@ -54,6 +57,7 @@ impl Default for PackOptions {
             dense_fallback: false,
             dense_int8: false,
             int4_experts: None,
+            embedding_in_file: true,
         }
     }
 }
@@ -68,10 +72,17 @@ pub struct PackSummary {
     pub tensors_with_f32_scales: usize,
 }
 
-/// A tensor to write: its table entry (offset filled when it is placed) and its f32 values.
+/// A tensor to write: its table entry (offset filled when it is placed) and its values.
 struct Planned<'a> {
     entry: Entry,
-    values: &'a [f32],
+    values: Values<'a>,
+}
+
+enum Values<'a> {
+    /// Encoded in the entry's format.
+    F32(&'a [f32]),
+    /// Already encoded.
+    Bytes(Vec<u8>),
 }
 
 /// The expert file being written: tensors placed one after the other from `cursor`, each group
@@ -94,12 +105,10 @@ impl TensorSink<'_> {
         for t in group {
             let mut entry = t.entry;
             self.cursor = align_up(self.cursor, TENSOR_ALIGN);
-            let bytes = encode(
-                t.values,
-                entry.format,
-                entry.rows as usize,
-                entry.cols as usize,
-            );
+            let bytes = match t.values {
+                Values::F32(v) => encode(v, entry.format, entry.rows as usize, entry.cols as usize),
+                Values::Bytes(b) => b,
+            };
             debug_assert_eq!(bytes.len() as u64, entry.length);
             entry.offset = self.cursor;
             entry.crc32 = crc32fast::hash(&bytes);
@@ -211,13 +220,20 @@ fn write_pack(
     } else {
         vec![]
     };
+    let embedding = if opts.embedding_in_file {
+        embedding_gather(&imported)
+    } else {
+        None
+    };
     let count = dense_layers.len()
+        + 2 * embedding.is_some() as usize
         + imported
             .blocks
             .iter()
             .map(|b| 1 + 3 * b.spec.experts + if b.shared.is_some() { 4 } else { 0 })
             .sum::<usize>();
     let groups = dense_layers.len()
+        + embedding.is_some() as usize
         + imported
             .blocks
             .iter()
@@ -255,6 +271,39 @@ fn write_pack(
             d.in_features,
             &w,
         )])?;
+    }
+    if let Some(emb) = &embedding {
+        // the table as f32 rows, and each row's checksum (a row is read and checked alone)
+        let table = emb.table(&imported, &files.dir)?;
+        let crcs: Vec<u8> = table
+            .chunks_exact(emb.hidden)
+            .flat_map(|row| {
+                let bytes: Vec<u8> = row.iter().flat_map(|v| v.to_le_bytes()).collect();
+                crc32fast::hash(&bytes).to_le_bytes()
+            })
+            .collect();
+        let mut crc_entry = planned(
+            0,
+            NO_EXPERT,
+            TensorKind::EmbeddingRowCrc,
+            TensorFormat::U32,
+            emb.vocab,
+            1,
+            &[],
+        );
+        crc_entry.values = Values::Bytes(crcs);
+        sink.group(vec![
+            planned(
+                0,
+                NO_EXPERT,
+                TensorKind::Embedding,
+                TensorFormat::F32,
+                emb.vocab,
+                emb.hidden,
+                &table,
+            ),
+            crc_entry,
+        ])?;
     }
     let block_index = weights.index();
     for (li, b) in imported.blocks.iter().enumerate() {
@@ -331,7 +380,13 @@ fn write_pack(
     )?;
 
     // 3. the graph, with each MoE node naming its manifest layer
-    write_packed_graph(&imported, &dense_layers, &files.dir, out)?;
+    write_packed_graph(
+        &imported,
+        &dense_layers,
+        embedding.as_ref(),
+        &files.dir,
+        out,
+    )?;
 
     // 4. manifest and companions
     let layers = imported
@@ -363,6 +418,11 @@ fn write_pack(
                 out_features: d.out_features,
             })
             .collect(),
+        embedding: embedding.as_ref().map(|e| EmbeddingTable {
+            name: e.initializer.clone(),
+            vocab: e.vocab,
+            hidden: e.hidden,
+        }),
     };
     write_manifest(out, &manifest)?;
     copy_companions(files, crate::files::COMPANION_FILES, out)?;
@@ -462,7 +522,7 @@ fn planned(
             length,
             crc32: 0,
         },
-        values,
+        values: Values::F32(values),
     }
 }
 
@@ -516,6 +576,11 @@ fn fmt(opts: &PackOptions, w: &[f32], cols: usize) -> TensorFormat {
 fn encode(values: &[f32], format: TensorFormat, rows: usize, cols: usize) -> Vec<u8> {
     match format {
         TensorFormat::F32 => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        // u32 tensors are written as bytes; f32 values are kept bit for bit
+        TensorFormat::U32 => values
+            .iter()
+            .flat_map(|v| v.to_bits().to_le_bytes())
+            .collect(),
         TensorFormat::F16 => values
             .iter()
             .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
