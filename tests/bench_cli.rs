@@ -100,3 +100,49 @@ fn threads_size_the_pool_of_the_experts_and_of_tract() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `bench --json`'s footprint against what the model's config implies: the embedding table
+/// leaves the graph's weights when a pack reads it from its file (vocab x hidden x 4 bytes), and
+/// the KV cache is 2 x layers x kv_heads x head_dim x positions x 4 bytes.
+#[test]
+fn bench_footprint_itemises_the_embedding_table_and_the_kv_cache() {
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tiny_model().join("config.json")).unwrap())
+            .unwrap();
+    let n = |k: &str| config[k].as_u64().unwrap();
+    let base = std::env::temp_dir().join(format!("moe-edge-bench-fp-{}", std::process::id()));
+    let mut footprints = vec![];
+    for embeddings in ["file", "graph"] {
+        let dir = base.join(embeddings);
+        let out = moe_edge_cmd()
+            .args(["pack", tiny_model().to_str().unwrap(), "-o"])
+            .arg(&dir)
+            .args(["--embeddings", embeddings])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let j = json_output(moe_edge_cmd().arg("bench").arg("-m").arg(&dir).args([
+            "--prompt-tokens",
+            "8",
+            "--gen-tokens",
+            "4",
+            "--repeat",
+            "1",
+            "--json",
+        ]));
+        let fp = j["footprint"].clone();
+        assert_eq!(fp["embedding"], embeddings);
+        let kv = 2 * n("num_hidden_layers") * n("num_key_value_heads") * n("head_dim") * 12 * 4;
+        assert_eq!(fp["kv_cache_bytes"].as_u64().unwrap(), kv);
+        assert!(fp["moe_fixed_bytes"].as_u64().unwrap() > 0);
+        assert!(fp["other_bytes"].as_u64().is_some());
+        footprints.push(fp);
+    }
+    let graph = |i: usize| footprints[i]["graph_weights_bytes"].as_u64().unwrap();
+    assert_eq!(graph(1) - graph(0), n("vocab_size") * n("hidden_size") * 4);
+    std::fs::remove_dir_all(&base).ok();
+}

@@ -61,7 +61,7 @@ pub use generate::{
     CancelHandle, Flow, GenerateParams, Generation, Generator, Step, Steps, StopReason,
 };
 pub use guard::panic_is_caught;
-pub use model::{BlockInfo, LoadOptions, Model, RoutingStats};
+pub use model::{BlockInfo, Footprint, LoadOptions, Model, RoutingStats};
 pub use moe::{
     Activation, AdaptiveTopK, ExpertMask, Keep, LabelledUsage, LayerUsage, MoeSpec,
     ProfileRecorder, ProfiledLayer, Ratio, RoutedTokens, Routing, RoutingObserver, RoutingProfile,

@@ -84,6 +84,10 @@ struct Report {
     /// bytes the expert cache loaded per decoded token, during decode (packed models)
     expert_bytes_loaded_per_token: Option<f64>,
     cache: Option<serde_json::Value>,
+    /// Peak RSS by part: what the model holds, the expert cache's peak, one sequence's KV cache
+    /// at its longest, and the rest (tract's plan and activations, buffers, thread stacks, the
+    /// allocator's slack, the program itself).
+    footprint: serde_json::Value,
 }
 
 struct Run {
@@ -166,6 +170,21 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         per_decoded_token(runs.iter().filter_map(|r| r.disk_read).collect());
     let expert_bytes_loaded_per_token =
         per_decoded_token(runs.iter().filter_map(|r| r.expert_loaded).collect());
+    let fp = model.footprint();
+    let expert_cache_peak = model.cache_stats().map_or(0, |c| c.peak_resident_bytes);
+    let kv = model.kv_cache_bytes(args.prompt_tokens + args.gen_tokens);
+    let peak_rss = procstats::peak_rss_bytes();
+    let accounted =
+        fp.graph_weights_bytes + fp.int8_dense_bytes + fp.moe_fixed_bytes + expert_cache_peak + kv;
+    let footprint = serde_json::json!({
+        "graph_weights_bytes": fp.graph_weights_bytes,
+        "int8_dense_bytes": fp.int8_dense_bytes,
+        "moe_fixed_bytes": fp.moe_fixed_bytes,
+        "embedding": if fp.embedding_in_file { "file" } else { "graph" },
+        "expert_cache_peak_bytes": expert_cache_peak,
+        "kv_cache_bytes": kv,
+        "other_bytes": peak_rss.map(|p| p.saturating_sub(accounted)),
+    });
     let report = Report {
         model: model.path().display().to_string(),
         mode: if args.model.literal {
@@ -189,10 +208,11 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         ttft,
         prefill,
         decode,
-        peak_rss_bytes: procstats::peak_rss_bytes(),
+        peak_rss_bytes: peak_rss,
         disk_read_bytes_per_token,
         expert_bytes_loaded_per_token,
         cache: model.cache_stats().map(serde_json::to_value).transpose()?,
+        footprint,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -220,6 +240,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         );
         if let Some(p) = report.peak_rss_bytes {
             println!("peak RSS   {:.1} MiB", p as f64 / (1 << 20) as f64);
+            let mib = |k: &str| report.footprint[k].as_u64().unwrap_or(0) as f64 / (1 << 20) as f64;
+            println!(
+                "  of which  graph weights {:.1}, int8 dense {:.1}, routers/shared {:.1}, experts {:.1} (peak), KV {:.1}, other {:.1} MiB; embedding in {}",
+                mib("graph_weights_bytes"),
+                mib("int8_dense_bytes"),
+                mib("moe_fixed_bytes"),
+                mib("expert_cache_peak_bytes"),
+                mib("kv_cache_bytes"),
+                mib("other_bytes"),
+                report.footprint["embedding"].as_str().unwrap_or("?")
+            );
         }
         if let Some(d) = report.expert_bytes_loaded_per_token {
             println!(

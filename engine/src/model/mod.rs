@@ -265,6 +265,47 @@ impl Model {
         self.vocab
     }
 
+    /// What the model holds in memory outside the expert cache, by part (see [`Footprint`]).
+    pub fn footprint(&self) -> Footprint {
+        let graph_weights_bytes = self
+            .proto
+            .graph
+            .as_ref()
+            .map_or(0, |g| g.initializer.iter().map(initializer_bytes).sum());
+        let int8_dense_bytes = self.ops.linear.iter().map(|l| l.bytes()).sum();
+        let moe_fixed_bytes = self
+            .ops
+            .moe
+            .iter()
+            .map(|l| {
+                let shared = l.shared.as_ref().map_or(0, |s| {
+                    let f = &s.ffn;
+                    f.gate.values.len() + f.up.values.len() + f.down.values.len() + s.gate.len()
+                });
+                ((l.router.weights.len() + shared) * 4) as u64
+            })
+            .sum();
+        Footprint {
+            graph_weights_bytes,
+            int8_dense_bytes,
+            moe_fixed_bytes,
+            embedding_in_file: self.ops.embedding.is_some(),
+        }
+    }
+
+    /// Bytes of the KV cache of one sequence of `positions` tokens (0 for graphs without one).
+    pub fn kv_cache_bytes(&self, positions: usize) -> u64 {
+        match self.interface {
+            Interface::KvCache {
+                layers,
+                kv_heads,
+                head_dim,
+                ..
+            } => (2 * layers * kv_heads * head_dim * positions * 4) as u64,
+            Interface::Plain { .. } => 0,
+        }
+    }
+
     /// Expert slots run and skipped so far, over every MoE block and session.
     pub fn routing_stats(&self) -> RoutingStats {
         use std::sync::atomic::Ordering::Relaxed;
@@ -429,6 +470,32 @@ impl Model {
             out
         })
     }
+}
+
+/// What a model holds in memory besides its expert cache and its sessions' KV caches.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Footprint {
+    /// Weights left in tract's graph (attention, norms; the LM head unless int8; the embedding
+    /// table unless a pack reads it from its file), at their stored size.
+    pub graph_weights_bytes: u64,
+    /// Dense layers a pack stores as int8 (`pack --dense int8`), as held in memory.
+    pub int8_dense_bytes: u64,
+    /// Routers and shared experts of the MoE blocks (f32).
+    pub moe_fixed_bytes: u64,
+    /// Whether the embedding table is read a row per token from the pack's file.
+    pub embedding_in_file: bool,
+}
+
+/// Bytes an initializer's values take (embedded or external).
+fn initializer_bytes(t: &tract_onnx::pb::TensorProto) -> u64 {
+    let elements: u64 = t.dims.iter().map(|&d| d.max(0) as u64).product();
+    let size = match t.data_type {
+        2 | 3 | 9 => 1,
+        4 | 5 | 10 | 16 => 2,
+        7 | 11 | 13 => 8,
+        _ => 4,
+    };
+    elements * size
 }
 
 /// Token ids must index the embedding table: `0 <= id < vocab` (`0 <= id` when the vocabulary

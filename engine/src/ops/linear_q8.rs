@@ -44,6 +44,14 @@ impl Q8Linear {
         }
     }
 
+    /// Bytes held in memory: int8 values and f32 scales.
+    pub fn bytes(&self) -> u64 {
+        self.bands
+            .iter()
+            .map(|b| (b.qs.len() + b.scales.len() * 4) as u64)
+            .sum()
+    }
+
     /// `x[rows, in]` -> `[rows, out]`.
     pub fn forward(&self, x: &[f32]) -> Vec<f32> {
         let rows = x.len() / self.in_features;
