@@ -88,6 +88,10 @@ pub struct ModelArgs {
     /// Which expert the cache evicts on a miss.
     #[arg(long, value_enum, default_value_t = CachePolicy::Frequency)]
     pub cache_policy: CachePolicy,
+    /// Packed models: while a block computes, read on a background thread the experts it is
+    /// about to run and the ones the next block's router predicts from this block's input.
+    #[arg(long)]
+    pub prefetch: bool,
     /// Adaptive top-k: skip a chosen expert whose routing weight is below W (the first choice
     /// is always kept) and rescale the others' weights to the chosen weights' sum.
     #[arg(long, value_name = "W")]
@@ -123,6 +127,7 @@ impl ModelArgs {
             expert_cache_mb: self.expert_cache_mb,
             verify: self.verify,
             cache_policy: self.cache_policy.into(),
+            prefetch: self.prefetch,
             adaptive_top_k: moe_edge_engine::AdaptiveTopK {
                 min_weight: self.min_expert_weight,
                 top_p: self.top_p_experts,
@@ -271,9 +276,23 @@ pub fn print_cache_stats(model: &moe_edge_engine::Model) {
         mib(s.peak_resident_bytes),
         mib(s.budget_bytes)
     );
-    for (i, l) in s.per_layer.iter().enumerate() {
+    if s.prefetched > 0 {
         eprintln!(
-            "  layer {i:>3}: {} hits, {} misses, {:.1} MiB loaded, {} evictions",
+            "prefetch: {} experts ({:.1} MiB) read ahead, {} used, {} evicted unused",
+            s.prefetched,
+            mib(s.prefetched_bytes),
+            s.prefetch_used,
+            s.prefetch_wasted
+        );
+    }
+    for (i, l) in s.per_layer.iter().enumerate() {
+        let prefetch = if l.prefetched > 0 {
+            format!(", prefetched {} (used {})", l.prefetched, l.prefetch_used)
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "  layer {i:>3}: {} hits, {} misses, {:.1} MiB loaded, {} evictions{prefetch}",
             l.hits,
             l.misses,
             mib(l.bytes_loaded),

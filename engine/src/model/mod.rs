@@ -44,6 +44,9 @@ pub struct LoadOptions {
     pub cache_policy: EvictionPolicy,
     /// Skipping low-weight experts at run time (off by default).
     pub adaptive_top_k: crate::moe::AdaptiveTopK,
+    /// Packed models: while a block computes, read on a background thread the experts it is
+    /// about to run and those the next block's router predicts from this block's input.
+    pub prefetch: bool,
 }
 
 /// How many expert slots (token x chosen expert) the model's MoE blocks ran, and how many the
@@ -119,6 +122,7 @@ impl Model {
                         expert_cache_mb: opts.expert_cache_mb,
                         verify: opts.verify,
                         cache_policy: opts.cache_policy,
+                        prefetch: opts.prefetch,
                     },
                 )?;
                 let blocks = pack
@@ -165,6 +169,9 @@ impl Model {
                 })?
                 .router
                 .adaptive = opts.adaptive_top_k;
+        }
+        if opts.prefetch && cache.is_some() {
+            wire_lookahead(&ops.moe);
         }
         let load_err = |reason: String| Error::ModelLoad {
             path: files.onnx.clone(),
@@ -363,6 +370,14 @@ impl Model {
             })?;
             layer.router = router;
         }
+        if self.ops.moe.iter().any(|l| {
+            l.lookahead
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .is_some()
+        }) {
+            wire_lookahead(&self.ops.moe);
+        }
         Ok(())
     }
 
@@ -469,6 +484,18 @@ impl Model {
             plan.retire(state);
             out
         })
+    }
+}
+
+/// Gives each MoE block the next block's router and experts (prefetching); called again when
+/// routers change.
+fn wire_lookahead(moe: &[Arc<crate::moe::layer::MoeLayer>]) {
+    for pair in moe.windows(2) {
+        let next = crate::moe::layer::Lookahead {
+            router: pair[1].router.clone(),
+            experts: pair[1].experts.clone(),
+        };
+        *pair[0].lookahead.write().unwrap_or_else(|e| e.into_inner()) = Some(next);
     }
 }
 

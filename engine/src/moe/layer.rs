@@ -27,7 +27,21 @@ pub struct MoeLayer {
     /// top-k chose that adaptive top-k skipped.
     pub routed_slots: AtomicU64,
     pub skipped_slots: AtomicU64,
+    /// The next MoE block's router and experts, when prefetching: decode steps apply that
+    /// router to this block's input and hint its store with the experts it predicts.
+    pub(crate) lookahead: std::sync::RwLock<Option<Lookahead>>,
 }
+
+/// What a block needs to predict the next block's experts.
+#[derive(Debug, Clone)]
+pub(crate) struct Lookahead {
+    pub router: Router,
+    pub experts: Arc<dyn ExpertStore>,
+}
+
+/// Calls of at most this many tokens predict the next block's experts (decode steps; a long
+/// prompt's union would name most experts).
+const LOOKAHEAD_MAX_TOKENS: usize = 4;
 
 /// Who watches a call, and where the call's tokens sit in the sequence.
 #[derive(Clone, Copy)]
@@ -74,6 +88,7 @@ impl MoeLayer {
             shared,
             routed_slots: AtomicU64::new(0),
             skipped_slots: AtomicU64::new(0),
+            lookahead: std::sync::RwLock::new(None),
         })
     }
 
@@ -123,6 +138,20 @@ impl MoeLayer {
             .collect();
         let wanted: Vec<usize> = selected.iter().map(|(e, _)| *e).collect();
         self.experts.prefetch(&wanted);
+        if tokens <= LOOKAHEAD_MAX_TOKENS {
+            let lookahead = self.lookahead.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(next) = lookahead.as_ref() {
+                // the next block's router on this block's input: its choices for the same
+                // tokens agree largely with the ones it will make (`moe-edge profile`'s
+                // `predicted` measures how much)
+                let predicted = next.router.choose(x, tokens);
+                let mut next_wanted: Vec<usize> =
+                    predicted.choices.iter().map(|&(e, _)| e).collect();
+                next_wanted.sort_unstable();
+                next_wanted.dedup();
+                next.experts.prefetch(&next_wanted);
+            }
+        }
         let results: Vec<Result<(usize, Vec<f32>)>> = selected
             .par_iter()
             .map(|&(e, group)| {

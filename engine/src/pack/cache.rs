@@ -18,8 +18,15 @@ use crate::moe::expert::ExpertFfn;
 pub struct CacheCounters {
     pub hits: u64,
     pub misses: u64,
+    /// Bytes loaded on a miss (prefetched bytes are counted apart).
     pub bytes_loaded: u64,
     pub evictions: u64,
+    /// Experts loaded ahead of use by `--prefetch`, their bytes, how many of them were then used
+    /// (each such first use is also a hit), and how many were evicted unused.
+    pub prefetched: u64,
+    pub prefetched_bytes: u64,
+    pub prefetch_used: u64,
+    pub prefetch_wasted: u64,
 }
 
 impl CacheCounters {
@@ -28,6 +35,10 @@ impl CacheCounters {
         self.misses += o.misses;
         self.bytes_loaded += o.bytes_loaded;
         self.evictions += o.evictions;
+        self.prefetched += o.prefetched;
+        self.prefetched_bytes += o.prefetched_bytes;
+        self.prefetch_used += o.prefetch_used;
+        self.prefetch_wasted += o.prefetch_wasted;
     }
 }
 
@@ -38,6 +49,10 @@ pub struct CacheStats {
     pub misses: u64,
     pub bytes_loaded: u64,
     pub evictions: u64,
+    pub prefetched: u64,
+    pub prefetched_bytes: u64,
+    pub prefetch_used: u64,
+    pub prefetch_wasted: u64,
     pub resident_bytes: u64,
     pub peak_resident_bytes: u64,
     pub budget_bytes: u64,
@@ -64,7 +79,19 @@ enum Slot {
         expert: Arc<dyn ExpertFfn>,
         bytes: u64,
         last_used: u64,
+        /// Loaded by a prefetch and not used since.
+        prefetched: bool,
     },
+}
+
+/// What [`ExpertCache::prefetch`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Loaded, or being loaded by someone else.
+    Loaded,
+    AlreadyThere,
+    /// Not loaded: room could only be made by waiting or by evicting a protected layer's expert.
+    NoRoom,
 }
 
 struct State {
@@ -270,11 +297,17 @@ impl ExpertCache {
             let now = st.clock;
             match st.slots.get_mut(&key) {
                 Some(Slot::Ready {
-                    expert, last_used, ..
+                    expert,
+                    last_used,
+                    prefetched,
+                    ..
                 }) => {
                     *last_used = now;
                     let e = expert.clone();
-                    st.layers[layer as usize].hits += 1;
+                    let was_prefetched = std::mem::take(prefetched);
+                    let counters = &mut st.layers[layer as usize];
+                    counters.hits += 1;
+                    counters.prefetch_used += was_prefetched as u64;
                     return Ok(self.pin(e));
                 }
                 Some(Slot::Loading) => {
@@ -284,45 +317,7 @@ impl ExpertCache {
                 None => {}
             }
             // make room: evict unused experts per the policy
-            let n_layers = st.layers.len() as u64;
-            while st.resident + bytes > self.budget {
-                let victim = st
-                    .slots
-                    .iter()
-                    .filter_map(|(k, s)| match s {
-                        Slot::Ready {
-                            expert, last_used, ..
-                        } if Arc::strong_count(expert) == 1 && !st.kept.contains(k) => {
-                            // layers until this expert's layer runs next; the running layer counts
-                            // as nearest, since its other selected experts follow right away
-                            let until_next_turn = if self.policy.by_layer_cycle() {
-                                (k.0 as u64 + n_layers - layer as u64) % n_layers
-                            } else {
-                                0
-                            };
-                            let uses = match st.uses.get(k) {
-                                Some(c) if self.policy.by_frequency() => {
-                                    c.log2_at(now, self.half_life)
-                                }
-                                _ => 0.0,
-                            };
-                            Some((until_next_turn, uses, *last_used, *k))
-                        }
-                        _ => None,
-                    })
-                    // furthest turn, then fewest uses, then least recent
-                    .min_by(|a, b| {
-                        b.0.cmp(&a.0)
-                            .then(a.1.total_cmp(&b.1))
-                            .then(a.2.cmp(&b.2))
-                            .then(a.3.cmp(&b.3))
-                    });
-                let Some((_, _, _, vk)) = victim else { break };
-                if let Some(Slot::Ready { bytes: b, .. }) = st.slots.remove(&vk) {
-                    st.resident -= b;
-                    st.layers[vk.0 as usize].evictions += 1;
-                }
-            }
+            self.make_room(&mut st, layer, bytes, now, &[]);
             if st.resident + bytes > self.budget {
                 // everything left is in use by other computations: wait for one to finish
                 st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
@@ -345,6 +340,7 @@ impl ExpertCache {
                             expert: expert.clone(),
                             bytes,
                             last_used: now,
+                            prefetched: false,
                         },
                     );
                     Ok(self.pin(expert))
@@ -358,6 +354,127 @@ impl ExpertCache {
             self.changed.notify_all();
             return result;
         }
+    }
+
+    /// Evicts unused experts, chosen by the policy for a request of `layer` at time `now`, until
+    /// `bytes` more fit or nothing more may go. Experts in use, kept ones and those of the
+    /// `protect`ed layers stay.
+    fn make_room(&self, st: &mut State, layer: u32, bytes: u64, now: u64, protect: &[u32]) {
+        let n_layers = st.layers.len() as u64;
+        while st.resident + bytes > self.budget {
+            let victim = st
+                .slots
+                .iter()
+                .filter_map(|(k, s)| match s {
+                    Slot::Ready {
+                        expert, last_used, ..
+                    } if Arc::strong_count(expert) == 1
+                        && !st.kept.contains(k)
+                        && !protect.contains(&k.0) =>
+                    {
+                        // layers until this expert's layer runs next; the running layer counts
+                        // as nearest, since its other selected experts follow right away
+                        let until_next_turn = if self.policy.by_layer_cycle() {
+                            (k.0 as u64 + n_layers - layer as u64) % n_layers
+                        } else {
+                            0
+                        };
+                        let uses = match st.uses.get(k) {
+                            Some(c) if self.policy.by_frequency() => c.log2_at(now, self.half_life),
+                            _ => 0.0,
+                        };
+                        Some((until_next_turn, uses, *last_used, *k))
+                    }
+                    _ => None,
+                })
+                // furthest turn, then fewest uses, then least recent
+                .min_by(|a, b| {
+                    b.0.cmp(&a.0)
+                        .then(a.1.total_cmp(&b.1))
+                        .then(a.2.cmp(&b.2))
+                        .then(a.3.cmp(&b.3))
+                });
+            let Some((_, _, _, vk)) = victim else { break };
+            if let Some(Slot::Ready {
+                bytes: b,
+                prefetched,
+                ..
+            }) = st.slots.remove(&vk)
+            {
+                st.resident -= b;
+                let counters = &mut st.layers[vk.0 as usize];
+                counters.evictions += 1;
+                counters.prefetch_wasted += prefetched as u64;
+            }
+        }
+    }
+
+    /// Loads `(layer, expert)` ahead of its use, if it is not in memory and room can be made at
+    /// once without evicting an expert of the `protect`ed layers (the running layer and the one
+    /// the prefetch is for); never waits for memory. Counts no use of the expert.
+    pub fn prefetch(
+        self: &Arc<Self>,
+        layer: u32,
+        expert: u32,
+        bytes: u64,
+        protect: &[u32],
+        load: impl FnOnce() -> Result<Arc<dyn ExpertFfn>>,
+    ) -> Prefetch {
+        if bytes > self.budget {
+            return Prefetch::NoRoom;
+        }
+        let key = (layer, expert);
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.slots.contains_key(&key) {
+            return Prefetch::AlreadyThere;
+        }
+        let now = st.clock;
+        self.make_room(&mut st, layer, bytes, now, protect);
+        if st.resident + bytes > self.budget {
+            return Prefetch::NoRoom;
+        }
+        st.resident += bytes;
+        st.peak = st.peak.max(st.resident);
+        st.slots.insert(key, Slot::Loading);
+        drop(st);
+        let loaded = load();
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        match loaded {
+            Ok(expert) => {
+                let now = st.clock;
+                // ranked as if just used, so that the misses before its use do not evict it
+                // first (a wrong prediction then ages like any expert used once)
+                if self.policy.by_frequency() {
+                    st.uses
+                        .entry(key)
+                        .or_insert(DecayedCount {
+                            count: 0.0,
+                            at: now,
+                        })
+                        .used(now, self.half_life);
+                }
+                st.slots.insert(
+                    key,
+                    Slot::Ready {
+                        expert,
+                        bytes,
+                        last_used: now,
+                        prefetched: true,
+                    },
+                );
+                let counters = &mut st.layers[layer as usize];
+                counters.prefetched += 1;
+                counters.prefetched_bytes += bytes;
+            }
+            Err(e) => {
+                // the demand load that follows reports the error
+                log::debug!("prefetch of layer {layer} expert {expert} failed: {e}");
+                st.slots.remove(&key);
+                st.resident -= bytes;
+            }
+        }
+        self.changed.notify_all();
+        Prefetch::Loaded
     }
 
     /// The budget in bytes.
@@ -413,6 +530,10 @@ impl ExpertCache {
             misses: total.misses,
             bytes_loaded: total.bytes_loaded,
             evictions: total.evictions,
+            prefetched: total.prefetched,
+            prefetched_bytes: total.prefetched_bytes,
+            prefetch_used: total.prefetch_used,
+            prefetch_wasted: total.prefetch_wasted,
             resident_bytes: st.resident,
             peak_resident_bytes: st.peak,
             budget_bytes: self.budget,
@@ -564,6 +685,46 @@ mod tests {
         assert!(cache.keep_resident(&[(0, 1), (0, 2)], 30, 10).is_err());
         drop(cache.get(0, 1, 10, || loader(&loads)).unwrap());
         assert!(cache.is_resident(0, 0));
+    }
+
+    /// Prefetch never waits and never evicts a protected layer's expert; a prefetched expert's
+    /// first use is a hit counted as used, one evicted unused is counted as wasted.
+    #[test]
+    fn prefetch_loads_into_free_room_and_counts_its_use() {
+        let cache = ExpertCache::with_policy(30, 3, EvictionPolicy::Lru);
+        let loads = AtomicUsize::new(0);
+        let pf =
+            |layer, e, protect: &[u32]| cache.prefetch(layer, e, 10, protect, || loader(&loads));
+        assert_eq!(pf(1, 0, &[0, 1]), Prefetch::Loaded);
+        assert_eq!(pf(1, 0, &[0, 1]), Prefetch::AlreadyThere);
+        drop(cache.get(1, 0, 10, || loader(&loads)).unwrap());
+        let s = cache.stats();
+        assert_eq!(
+            (s.hits, s.misses, s.prefetched, s.prefetch_used),
+            (1, 0, 1, 1)
+        );
+        // fill the budget with layer 0 and 1 experts: a prefetch protecting both finds no room
+        drop(cache.get(0, 0, 10, || loader(&loads)).unwrap());
+        drop(cache.get(0, 1, 10, || loader(&loads)).unwrap());
+        assert_eq!(pf(2, 0, &[0, 1]), Prefetch::NoRoom);
+        assert_eq!(cache.stats().evictions, 0);
+        // protecting only layer 1, it evicts a layer-0 expert (the least recent)
+        assert_eq!(pf(2, 0, &[1, 2]), Prefetch::Loaded);
+        assert!(!cache.is_resident(0, 0) && cache.is_resident(0, 1));
+        // a held expert is never evicted: with all others protected or held, no room
+        let held = cache.get(0, 1, 10, || loader(&loads)).unwrap();
+        assert_eq!(pf(2, 1, &[1, 2]), Prefetch::NoRoom);
+        drop(held);
+        // the unused prefetched expert of layer 2, evicted by misses, is counted as wasted
+        for e in 5..8 {
+            drop(cache.get(0, e, 10, || loader(&loads)).unwrap());
+        }
+        let s = cache.stats();
+        assert_eq!(
+            (s.prefetched, s.prefetch_used, s.prefetch_wasted),
+            (2, 1, 1)
+        );
+        assert!(s.peak_resident_bytes <= 30);
     }
 
     #[test]

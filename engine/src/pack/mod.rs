@@ -54,6 +54,9 @@ pub(crate) struct PackOpenOptions {
     /// Check every tensor's checksum at open.
     pub verify: bool,
     pub cache_policy: EvictionPolicy,
+    /// Read the experts the next layer's router predicts on a background thread while a layer
+    /// computes (`--prefetch`).
+    pub prefetch: bool,
 }
 
 /// An opened pack: its graph, the layers its nodes name, and the cache the layers share.
@@ -113,6 +116,24 @@ pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack>
         total as f64 / 1048576.0
     );
 
+    let prefetch = if opts.prefetch {
+        let readers = manifest
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(li, l)| PackLayerStore {
+                file: file.clone(),
+                cache: cache.clone(),
+                layer: li as u32,
+                sizes: sizes[li].clone(),
+                pruned: l.pruned.clone(),
+                prefetch: None,
+            })
+            .collect();
+        Some(spawn_prefetcher(readers)?)
+    } else {
+        None
+    };
     let mut layers = vec![];
     for (li, l) in manifest.layers.iter().enumerate() {
         let li32 = li as u32;
@@ -141,6 +162,7 @@ pub(crate) fn open_pack(dir: &Path, opts: PackOpenOptions) -> Result<OpenedPack>
             layer: li32,
             sizes: sizes[li].clone(),
             pruned: l.pruned.clone(),
+            prefetch: prefetch.clone(),
         };
         let mut layer = MoeLayer::new(l.spec.clone(), li, router, None, Arc::new(store), shared)?;
         if !l.pruned.is_empty() {
@@ -258,7 +280,7 @@ fn q8_matrix(bytes: &[u8], e: &Entry) -> Result<Q8Matrix> {
 }
 
 /// The routed experts of one layer of a pack, loaded through the shared cache.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 struct PackLayerStore {
     file: Arc<PackFile>,
     cache: Arc<ExpertCache>,
@@ -266,6 +288,40 @@ struct PackLayerStore {
     sizes: Vec<u64>,
     /// Experts `prune` removed (ascending).
     pruned: Vec<usize>,
+    /// Where prefetch requests go (`--prefetch`): the pack's reader thread.
+    prefetch: Option<std::sync::mpsc::SyncSender<(u32, u32)>>,
+}
+
+/// Prefetch requests waiting for the reader thread, at most: a few layers' worth of top-k
+/// choices; a request that finds the queue full is dropped (the expert is then read on demand).
+const PREFETCH_QUEUE: usize = 16;
+
+/// Starts the thread that reads prefetched experts into the cache, one at a time, for `stores`
+/// (one per layer, without senders of their own); it ends when every sender is gone (the model
+/// is dropped).
+fn spawn_prefetcher(
+    stores: Vec<PackLayerStore>,
+) -> Result<std::sync::mpsc::SyncSender<(u32, u32)>> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(u32, u32)>(PREFETCH_QUEUE);
+    std::thread::Builder::new()
+        .name("moe-edge-prefetch".into())
+        .spawn(move || {
+            while let Ok((layer, expert)) = rx.recv() {
+                let Some(store) = stores.get(layer as usize) else {
+                    continue;
+                };
+                let Some(&bytes) = store.sizes.get(expert as usize) else {
+                    continue;
+                };
+                // the running layer (the one before) and the target layer keep their experts
+                let protect = [layer.saturating_sub(1), layer];
+                store
+                    .cache
+                    .prefetch(layer, expert, bytes, &protect, || store.load(expert));
+            }
+        })
+        .map_err(|e| Error::InvalidInput(format!("cannot start the prefetch thread: {e}")))?;
+    Ok(tx)
 }
 
 impl PackLayerStore {
@@ -379,6 +435,19 @@ impl ExpertStore for PackLayerStore {
 
     fn resident(&self, index: usize) -> Option<bool> {
         Some(self.cache.is_resident(self.layer, index as u32))
+    }
+
+    fn prefetch(&self, experts: &[usize]) {
+        let Some(tx) = &self.prefetch else { return };
+        for &e in experts {
+            if e < self.sizes.len()
+                && self.pruned.binary_search(&e).is_err()
+                && !self.cache.is_resident(self.layer, e as u32)
+            {
+                // a full queue drops the hint: the expert is read on demand
+                let _ = tx.try_send((self.layer, e as u32));
+            }
+        }
     }
 
     fn loaded_bytes(&self, index: usize) -> Option<u64> {
