@@ -109,7 +109,14 @@ impl TensorSink<'_> {
                 Values::F32(v) => encode(v, entry.format, entry.rows as usize, entry.cols as usize),
                 Values::Bytes(b) => b,
             };
-            debug_assert_eq!(bytes.len() as u64, entry.length);
+            if bytes.len() as u64 != entry.length {
+                return Err(Error::InvalidInput(format!(
+                    "{}: encoded to {} bytes, its format takes {}",
+                    entry.describe(),
+                    bytes.len(),
+                    entry.length
+                )));
+            }
             entry.offset = self.cursor;
             entry.crc32 = crc32fast::hash(&bytes);
             self.file
@@ -368,7 +375,13 @@ fn write_pack(
     }
     let file_bytes = sink.cursor;
     let entries = sink.entries;
-    debug_assert_eq!(entries.len(), count);
+    if entries.len() != count {
+        // the table's room was reserved for `count` entries
+        return Err(Error::InvalidInput(format!(
+            "wrote {} tensors where the layout planned {count}",
+            entries.len()
+        )));
+    }
     file.set_len(file_bytes).map_err(Error::io(&expert_path))?;
     finish_expert_file(
         &file,
