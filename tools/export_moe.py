@@ -149,9 +149,12 @@ def export(model, cfg, p, path):
     size = sum(os.path.getsize(os.path.join(os.path.dirname(path), f)) for f in os.listdir(os.path.dirname(path)))
     m = onnx.load(path)
     if size > 1 << 30:
+        # the exporter's per-tensor files go; the checkpoint (--save-hf: OUT/hf) and the
+        # tokenizer and config files stay
         for f in os.listdir(os.path.dirname(path)):
-            if f not in ("model.onnx",) and not f.endswith(".json"):
-                os.remove(os.path.join(os.path.dirname(path), f))
+            p = os.path.join(os.path.dirname(path), f)
+            if os.path.isfile(p) and f != "model.onnx" and not f.endswith(".json"):
+                os.remove(p)
         onnx.save(m, path, save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx.data", size_threshold=1024)
     return m
 
