@@ -58,6 +58,15 @@ fn real_run(trace: &str, policy: &str, pin: Option<&str>) -> (u64, u64) {
 }
 
 fn simulated(trace: &str, policy: &str, pin: Option<&str>) -> Vec<serde_json::Value> {
+    simulated_with(trace, policy, pin, &[])
+}
+
+fn simulated_with(
+    trace: &str,
+    policy: &str,
+    pin: Option<&str>,
+    extra: &[&str],
+) -> Vec<serde_json::Value> {
     let model = model();
     let mut args = vec![
         "cache-sim",
@@ -72,6 +81,7 @@ fn simulated(trace: &str, policy: &str, pin: Option<&str>) -> Vec<serde_json::Va
     if let Some(p) = pin {
         args.extend(["--pin-hot", p]);
     }
+    args.extend(extra);
     let out = run_ok(&args);
     String::from_utf8(out.stdout)
         .unwrap()
@@ -102,6 +112,14 @@ fn a_replayed_trace_gives_the_hits_and_misses_of_the_run_that_recorded_it() {
             (hits, misses),
             "{policy}"
         );
+        if policy == "frequency" {
+            // the half-life the run used (the default) is the one replayed; another changes hits
+            let other = simulated_with(trace, policy, None, &["--half-life-tokens", "1"]);
+            assert_ne!(
+                other[0]["hits"], rows[0]["hits"],
+                "--half-life-tokens took no effect"
+            );
+        }
     }
     std::fs::remove_dir_all(&dir).ok();
 }
@@ -166,6 +184,27 @@ fn uniform_routing_and_bad_input() {
             600
         );
     }
+    // the seed chooses the routing: the same seed replays the same, another does not
+    let hits = |seed: &str| {
+        let out = run_ok(&[
+            "cache-sim",
+            "-m",
+            &model,
+            "--uniform-tokens",
+            "50",
+            "--seed",
+            seed,
+            "--budgets",
+            "0.25",
+            "--policies",
+            "lru",
+            "--json",
+        ]);
+        let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        row["hits"].as_u64().unwrap()
+    };
+    assert_eq!(hits("1"), hits("1"));
+    assert_ne!(hits("1"), hits("2"));
     let dir = scratch_dir("cache-sim", "bad");
     let trace = dir.join("t.jsonl");
     std::fs::write(&trace, "{\"position\":0,\"layer\":9,\"experts\":[1,2]}\n").unwrap();

@@ -42,3 +42,31 @@ fn pack_cli_writes_a_model_that_generates() {
     assert_eq!(j["cache"]["budget_bytes"], 1 << 20);
     std::fs::remove_dir_all(&out).ok();
 }
+
+/// `--prefetch` reaches the cache: experts are read ahead and used, and the tokens are the ones
+/// generated without it.
+#[test]
+fn prefetch_flag_reads_experts_ahead_without_changing_tokens() {
+    let model = workspace_root().join("models/moe-edge-mini");
+    let run = |prefetch: bool| {
+        let mut cmd = moe_edge_cmd();
+        cmd.args([
+            "generate",
+            "-m",
+            model.to_str().unwrap(),
+            "--prompt",
+            "fn main() {",
+        ])
+        .args(["--max-tokens", "40", "--expert-cache-mb", "3", "--json"]);
+        if prefetch {
+            cmd.arg("--prefetch");
+        }
+        json_output(&mut cmd)
+    };
+    let (off, on) = (run(false), run(true));
+    assert_eq!(off["generated_ids"], on["generated_ids"]);
+    assert_eq!(off["cache"]["prefetched"], 0);
+    let c = &on["cache"];
+    assert!(c["prefetched"].as_u64().unwrap() > 0, "{c}");
+    assert!(c["prefetch_used"].as_u64().unwrap() > 0, "{c}");
+}

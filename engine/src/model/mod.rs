@@ -513,16 +513,11 @@ pub struct Footprint {
     pub embedding_in_file: bool,
 }
 
-/// Bytes an initializer's values take (embedded or external).
+/// Bytes an initializer's values take (embedded or external); the graph's tensors were checked
+/// to have types tract reads when it was opened.
 fn initializer_bytes(t: &tract_onnx::pb::TensorProto) -> u64 {
     let elements: u64 = t.dims.iter().map(|&d| d.max(0) as u64).product();
-    let size = match t.data_type {
-        2 | 3 | 9 => 1,
-        4 | 5 | 10 | 16 => 2,
-        7 | 11 | 13 => 8,
-        _ => 4,
-    };
-    elements * size
+    elements * crate::onnx::tensors::element_bytes(t.data_type).unwrap_or(4)
 }
 
 /// Token ids must index the embedding table: `0 <= id < vocab` (`0 <= id` when the vocabulary

@@ -211,7 +211,7 @@ pub fn transpose(m: &[f32], rows: usize, cols: usize) -> Vec<f32> {
 
 /// Element sizes of the ONNX data types tract loads; others (strings, bfloat16, complex,
 /// float8...) are refused before tract sees them.
-fn element_bytes(data_type: i32) -> Option<u64> {
+pub(crate) fn element_bytes(data_type: i32) -> Option<u64> {
     match data_type {
         2 | 3 | 9 => Some(1),   // uint8, int8, bool
         4 | 5 | 10 => Some(2),  // uint16, int16, float16

@@ -11,7 +11,7 @@ use tract_onnx::tract_hir::internal::*;
 
 use crate::error::{Error, Result};
 use crate::pack::file::PackFile;
-use crate::pack::format::{Entry, TensorFormat, TensorKind};
+use crate::pack::format::{Entry, TensorKind};
 
 /// The rows of an embedding table in an expert file, with their checksums.
 #[derive(Debug)]
@@ -24,19 +24,12 @@ pub(crate) struct EmbeddingRows {
 }
 
 impl EmbeddingRows {
-    /// The table of `file` (its shape and formats were checked against the manifest); reads the
-    /// row checksums, checked by their own tensor checksum.
+    /// The table of `file` (its shape and formats, F32 rows and U32 checksums, were checked
+    /// against the manifest at open); reads the row checksums, checked by their own tensor
+    /// checksum.
     pub(crate) fn open(file: Arc<PackFile>) -> Result<Self> {
         let table = file.entry(0, None, TensorKind::Embedding)?.clone();
         let crc_entry = file.entry(0, None, TensorKind::EmbeddingRowCrc)?;
-        if table.format != TensorFormat::F32 || crc_entry.format != TensorFormat::U32 {
-            return Err(Error::CorruptPack(format!(
-                "{}: the embedding table is {:?} with {:?} checksums, not F32 with U32",
-                file.path.display(),
-                table.format,
-                crc_entry.format
-            )));
-        }
         let row_crcs = file
             .read_tensor(crc_entry)?
             .chunks_exact(4)
@@ -54,7 +47,7 @@ impl EmbeddingRows {
     /// The rows of `ids`, one after the other (`[ids.len(), hidden]`).
     pub(crate) fn lookup(&self, ids: impl Iterator<Item = i64>) -> Result<Vec<f32>> {
         let row_bytes = self.hidden * 4;
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(ids.size_hint().0 * self.hidden);
         for id in ids {
             let row = usize::try_from(id)
                 .ok()

@@ -282,16 +282,8 @@ impl ExpertCache {
         );
         let key = (layer, expert);
         let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        if self.policy.by_frequency() {
-            let now = st.clock + 1;
-            st.uses
-                .entry(key)
-                .or_insert(DecayedCount {
-                    count: 0.0,
-                    at: now,
-                })
-                .used(now, self.half_life);
-        }
+        let next_tick = st.clock + 1;
+        self.count_use(&mut st, key, next_tick);
         loop {
             st.clock += 1;
             let now = st.clock;
@@ -353,6 +345,19 @@ impl ExpertCache {
             };
             self.changed.notify_all();
             return result;
+        }
+    }
+
+    /// Counts a use of `key` at `now` in the frequency policies' decayed counts.
+    fn count_use(&self, st: &mut State, key: Key, now: u64) {
+        if self.policy.by_frequency() {
+            st.uses
+                .entry(key)
+                .or_insert(DecayedCount {
+                    count: 0.0,
+                    at: now,
+                })
+                .used(now, self.half_life);
         }
     }
 
@@ -444,15 +449,7 @@ impl ExpertCache {
                 let now = st.clock;
                 // ranked as if just used, so that the misses before its use do not evict it
                 // first (a wrong prediction then ages like any expert used once)
-                if self.policy.by_frequency() {
-                    st.uses
-                        .entry(key)
-                        .or_insert(DecayedCount {
-                            count: 0.0,
-                            at: now,
-                        })
-                        .used(now, self.half_life);
-                }
+                self.count_use(&mut st, key, now);
                 st.slots.insert(
                     key,
                     Slot::Ready {

@@ -117,12 +117,15 @@ fn write_pruned(
         .cloned()
         .collect();
     kept.sort_by_key(|e| e.offset);
+    // groups as `pack` writes them: each dense layer, the embedding table with its row
+    // checksums, each layer's own tensors, each expert
     let group_of = |e: &super::format::Entry| {
-        let own_group = matches!(
-            e.kind,
-            TensorKind::Dense | TensorKind::Embedding | TensorKind::EmbeddingRowCrc
-        );
-        (own_group.then_some(e.kind as u16 / 9), e.layer, e.expert)
+        let kind = match e.kind {
+            TensorKind::Dense => 1u8,
+            TensorKind::Embedding | TensorKind::EmbeddingRowCrc => 2,
+            _ => 0,
+        };
+        (kind, e.layer, e.expert)
     };
     let alignment = manifest.alignment;
     let table_offset = HEADER_BYTES as u64;

@@ -281,35 +281,36 @@ fn write_pack(
     }
     if let Some(emb) = &embedding {
         // the table as f32 rows, and each row's checksum (a row is read and checked alone)
-        let table = emb.table(&imported, &files.dir)?;
-        let crcs: Vec<u8> = table
-            .chunks_exact(emb.hidden)
-            .flat_map(|row| {
-                let bytes: Vec<u8> = row.iter().flat_map(|v| v.to_le_bytes()).collect();
-                crc32fast::hash(&bytes).to_le_bytes()
-            })
-            .collect();
-        let mut crc_entry = planned(
-            0,
-            NO_EXPERT,
-            TensorKind::EmbeddingRowCrc,
-            TensorFormat::U32,
+        let table = encode(
+            &emb.table(&imported, &files.dir)?,
+            TensorFormat::F32,
             emb.vocab,
-            1,
-            &[],
+            emb.hidden,
         );
-        crc_entry.values = Values::Bytes(crcs);
+        let crcs: Vec<u8> = table
+            .chunks_exact(emb.hidden * 4)
+            .flat_map(|row| crc32fast::hash(row).to_le_bytes())
+            .collect();
+        let raw = |kind, format, rows, cols, bytes| {
+            let mut t = planned(0, NO_EXPERT, kind, format, rows, cols, &[]);
+            t.values = Values::Bytes(bytes);
+            t
+        };
         sink.group(vec![
-            planned(
-                0,
-                NO_EXPERT,
+            raw(
                 TensorKind::Embedding,
                 TensorFormat::F32,
                 emb.vocab,
                 emb.hidden,
-                &table,
+                table,
             ),
-            crc_entry,
+            raw(
+                TensorKind::EmbeddingRowCrc,
+                TensorFormat::U32,
+                emb.vocab,
+                1,
+                crcs,
+            ),
         ])?;
     }
     let block_index = weights.index();
