@@ -82,8 +82,12 @@ fn simulated_with(
         args.extend(["--pin-hot", p]);
     }
     args.extend(extra);
-    let out = run_ok(&args);
-    String::from_utf8(out.stdout)
+    json_lines(&args)
+}
+
+/// The JSON objects `moe-edge ARGS` prints, a line each.
+fn json_lines(args: &[&str]) -> Vec<serde_json::Value> {
+    String::from_utf8(run_ok(args).stdout)
         .unwrap()
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -163,19 +167,15 @@ fn pinned_hot_experts_are_replayed_as_pin_hot_keeps_them() {
 fn uniform_routing_and_bad_input() {
     let model = model();
     let tiny = tiny_model();
-    let out = run_ok(&[
+    let uniform = [
         "cache-sim",
         "-m",
         &model,
         "--uniform-tokens",
         "50",
         "--json",
-    ]);
-    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    ];
+    let rows = json_lines(&uniform);
     // 3 budgets x 4 policies; 50 tokens x 6 layers x top-2 requests each
     assert_eq!(rows.len(), 12);
     for r in &rows {
@@ -186,22 +186,9 @@ fn uniform_routing_and_bad_input() {
     }
     // the seed chooses the routing: the same seed replays the same, another does not
     let hits = |seed: &str| {
-        let out = run_ok(&[
-            "cache-sim",
-            "-m",
-            &model,
-            "--uniform-tokens",
-            "50",
-            "--seed",
-            seed,
-            "--budgets",
-            "0.25",
-            "--policies",
-            "lru",
-            "--json",
-        ]);
-        let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        row["hits"].as_u64().unwrap()
+        let mut args = uniform.to_vec();
+        args.extend(["--seed", seed, "--budgets", "0.25", "--policies", "lru"]);
+        json_lines(&args)[0]["hits"].as_u64().unwrap()
     };
     assert_eq!(hits("1"), hits("1"));
     assert_ne!(hits("1"), hits("2"));
